@@ -1,0 +1,53 @@
+# usermirror_nb: `make paper` runs the executable paper, `make test` checks it. Both install on first use.
+PROFILE ?= quick
+OVERRIDES ?=
+VENV ?= .venv
+PYTHON ?= python3
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+BIN := $(VENV)/bin
+# the install stamp's name carries a hash of the packaging files: editing them re-installs
+STAMP := $(VENV)/.installed-$(shell cat settings.ini setup.py pyproject.toml | sha256sum | cut -c1-12)
+# pip here prints one harmless line per package for an extra index that does not exist; hide them (exit status kept)
+QUIET_PIP := { grep -v "^WARNING: Location 'file:///opt/pypi.* is ignored" || true; }
+
+.PHONY: help install paper test export clean lab readme
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+
+install: $(STAMP)  ## create $(VENV) and install the project (torch CPU first); re-runs when settings.ini/setup.py change
+$(STAMP):
+	@start=$$(date +%s); \
+	$(PYTHON) -m venv $(VENV); \
+	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | $(QUIET_PIP); \
+	$(BIN)/pip install torch==2.13.0 2>&1 | $(QUIET_PIP); \
+	$(BIN)/pip install -e ".[dev]" 2>&1 | $(QUIET_PIP); \
+	$(BIN)/pip check; \
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (usermirror_nb)" >/dev/null; \
+	rm -f $(VENV)/.installed-*; touch $@; \
+	echo "install finished in $$(( $$(date +%s) - start )) s"
+
+paper: install  ## run the stage notebooks with papermill for PROFILE (results/$(PROFILE)/)
+	$(BIN)/usermirror-paper --profile $(PROFILE) --overrides "$(OVERRIDES)"
+
+test: install  ## export is in sync, notebook tests (nbdev_test), pytest (not slow, not gpu)
+	@tmp=$$(mktemp -d); cp -r usermirror_nb $$tmp/before; \
+	$(BIN)/nbdev_export; \
+	if ! diff -r -x __pycache__ $$tmp/before usermirror_nb; then rm -rf $$tmp; \
+	  echo "ERROR: notebooks and usermirror_nb/ out of sync: commit the exported module (nbdev_export was just run)"; exit 1; fi; \
+	rm -rf $$tmp; echo "nbdev_export: usermirror_nb/ is in sync with nbs/"
+	$(BIN)/nbdev_test --n_workers 2
+	$(BIN)/pytest -q tests -m "not slow and not gpu"
+
+export: install  ## notebooks -> usermirror_nb/
+	$(BIN)/nbdev_export
+
+clean: install  ## strip notebook metadata/outputs noise (keeps papermill's `parameters` tag)
+	$(BIN)/nbdev_clean
+
+readme: install  ## README.md from nbs/index.ipynb (nbdev_readme needs quarto; nbconvert otherwise)
+	@if command -v quarto >/dev/null; then $(BIN)/nbdev_readme; \
+	else $(BIN)/jupyter nbconvert --to markdown nbs/index.ipynb --output-dir . --output README --log-level WARN; fi
+
+lab: install  ## JupyterLab on nbs/
+	$(BIN)/jupyter lab --notebook-dir nbs
