@@ -30,14 +30,14 @@ $(STAMP):
 paper: install  ## run the stage notebooks with papermill for PROFILE (results/$(PROFILE)/)
 	$(BIN)/usermirror-paper --profile $(PROFILE) --overrides "$(OVERRIDES)"
 
-test: install  ## export is in sync, notebook tests (nbdev_test), pytest (not slow, not gpu)
+test: install  ## export is in sync, notebook tests (nbdev_test), pytest (not slow; gpu tests skip without CUDA)
 	@tmp=$$(mktemp -d); cp -r usermirror_nb $$tmp/before; \
 	$(BIN)/nbdev_export; \
 	if ! diff -r -x __pycache__ $$tmp/before usermirror_nb; then rm -rf $$tmp; \
 	  echo "ERROR: notebooks and usermirror_nb/ out of sync: commit the exported module (nbdev_export was just run)"; exit 1; fi; \
 	rm -rf $$tmp; echo "nbdev_export: usermirror_nb/ is in sync with nbs/"
 	$(BIN)/nbdev_test --n_workers 2
-	$(BIN)/pytest -q tests -m "not slow and not gpu"
+	$(BIN)/pytest -q -rs tests -m "not slow"
 
 export: install  ## notebooks -> usermirror_nb/
 	$(BIN)/nbdev_export

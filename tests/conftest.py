@@ -1,7 +1,7 @@
 """Shared pytest set-up: the `slow` and `gpu` markers.
 
-`make test` (and CI) runs `pytest -m "not slow and not gpu"`. A `gpu` test run anyway on a machine without
-CUDA is skipped with a reason — never passed silently.
+`make test` (and CI) runs `pytest -m "not slow"`: a `gpu` test on a machine without CUDA is skipped with its
+reason shown (`-rs`) — never passed silently, and on a GPU machine it runs.
 """
 import pytest
 

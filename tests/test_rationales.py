@@ -45,7 +45,8 @@ def test_letters_bounds_in_prompt():
 class Interrupting:
     "Wraps a real backend and raises KeyboardInterrupt on the call after `after` calls (an interrupted run)."
     def __init__(self, llm, after):
-        self.llm, self.after, self.calls, self.name, self.tokenizer = llm, after, 0, llm.name, getattr(llm, "tokenizer", None)
+        self.llm, self.after, self.calls, self.name = llm, after, 0, llm.name
+        self.count_tokens = llm.count_tokens
 
     def generate(self, convs, **kw):
         if self.calls == self.after: raise KeyboardInterrupt("simulated interruption")
