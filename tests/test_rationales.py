@@ -14,6 +14,8 @@ from usermirror_nb.rationales import (FAILURE_KINDS, STOP_REGEX, failure_counts,
     ("Stimulus: boredom\nKnowledge: quality\nEvaluation: logical\nBehavior: [F]", "letter_outside_exposure"),
     ("Stimulus: boredom\nEvaluation: logical\nBehavior: [A]", "missing_stage"),
     ("Stimulus: boredom\nKnowledge: quality\nEvaluation: habitual, as always\nBehavior: [E]", ""),
+    ("Stimulus: what moves the user to choose right now - one to three factors\nBehavior: the one item the user chooses, "
+     "written exactly as Behavior: [A]", "echoed_prompt"),
 ])
 def test_failure_kinds(text, kind):
     p = parse_rationale(text, 5)
@@ -35,6 +37,15 @@ def test_fields_and_body():
     assert p["evaluation_style"] == "intuitive" and p["behavior"] == "C"
     assert "Behavior" not in p["body"] and p["body"].startswith("Stimulus: curiosity")
     assert parse_rationale("**Stimulus:** x\n**Knowledge:** y\n**Evaluation:** z\nBehavior: [a]", 3)["behavior"] == "A"
+
+
+def test_reparse_applies_parser_fixes_to_stored_records():
+    from usermirror_nb.rationales import reparse
+    old = {"text": "Stimulus: a\nKnowledge: b\nEvaluation: c\nBehavior: [B]", "choice_cnt": 3, "gt_letter": "B",
+           "failure": "no_behavior", "behavior": "", "stated_hit": False}
+    r = reparse(old)
+    assert (r["failure"], r["behavior"], r["stated_hit"], r["truncated"]) == ("", "B", True, False)
+    assert reparse({**old, "text": "Stimulus: a and", "failure": "truncated"})["failure"] == "truncated"
 
 
 def test_letters_bounds_in_prompt():
