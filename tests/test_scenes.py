@@ -48,7 +48,7 @@ def test_real_counts(ml):
 
 def test_exposure_properties(big, ml_raw):
     sc, plan, stats, df, _ = big
-    assert len(df) == 6000
+    assert (df.split == "train").sum() == 5000 and (df.split == "eval").sum() == 1000 and (df.split == "valid").sum() == 50
     seen = ml_raw.interactions.groupby("user_id")["item_id"].agg(set).to_dict()
     release = ml_raw.items.set_index("item_id")["release_time"].to_dict()
     for r in df.itertuples():
@@ -82,10 +82,10 @@ def test_history_is_before_target(big, ml):
         assert ml.item_ids[ml.items[p]] not in df.history_item_ids[s]
 
 
-def test_train_eval_users_disjoint(big):
+def test_train_valid_eval_users_disjoint(big):
     df = big[3]
-    tr, ev = set(df[df.split == "train"].user_id), set(df[df.split == "eval"].user_id)
-    assert tr and ev and not tr & ev
+    tr, ev, va = (set(df[df.split == s].user_id) for s in ("train", "eval", "valid"))
+    assert tr and ev and va and not tr & ev and not tr & va and not va & ev
 
 
 def test_statistics_leak_free(big, ml_raw):

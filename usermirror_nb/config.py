@@ -13,11 +13,12 @@ import numpy as np
 import yaml
 
 # %% auto #0
-__all__ = ['DOMAIN_SOURCES', 'SCENE_STYLES', 'SAMPLERS', 'LLM_BACKENDS', 'ROLES', 'STAGES', 'PACKAGES', 'ConfigError',
-           'project_root', 'default_cache_dir', 'AssetsConfig', 'DomainConfig', 'ScenesConfig', 'LLMConfig',
-           'RationalesConfig', 'default_models', 'Config', 'config_from_dict', 'parse_overrides', 'load_config',
-           'seed_everything', 'get_device', 'atomic_path', 'write_json', 'record_stage', 'stage_not_implemented',
-           'package_versions', 'run_config']
+__all__ = ['DOMAIN_SOURCES', 'SCENE_STYLES', 'SAMPLERS', 'LLM_BACKENDS', 'ROLES', 'DISTILL_STRATEGIES', 'FINETUNE_METHODS',
+           'FINETUNE_RUNS', 'EVAL_MODES', 'STAGES', 'PACKAGES', 'ConfigError', 'project_root', 'default_cache_dir',
+           'AssetsConfig', 'DomainConfig', 'ScenesConfig', 'LLMConfig', 'RationalesConfig', 'default_models',
+           'DistillConfig', 'FinetuneConfig', 'EvaluateConfig', 'BaselinesConfig', 'Config', 'config_from_dict',
+           'parse_overrides', 'load_config', 'seed_everything', 'get_device', 'atomic_path', 'write_json',
+           'record_stage', 'stage_not_implemented', 'package_versions', 'run_config']
 
 # %% ../nbs/00_config.ipynb #7c173803
 class ConfigError(ValueError):
@@ -89,6 +90,8 @@ class ScenesConfig:
     eval_user_frac: float = 0.2   # share of users held out for evaluation (disjoint from training users)
     train_scenes: int = 200       # per domain
     eval_scenes: int = 100        # per domain
+    valid_user_frac: float = 0.1  # share of the remaining users held out for validation (fits e.g. the hybrid's weight; never trained on)
+    valid_scenes: int = 50        # per domain
     scenes_per_user: int = 2      # at most this many targets per user
     time_buckets: int = 8         # statistics are recomputed per time bucket from interactions before it
     svd_dim: int = 32             # rank of the collaborative (truncated SVD) item factors
@@ -103,7 +106,9 @@ class ScenesConfig:
         _check(all(isinstance(w, (int, float)) and w >= 0 for w in self.samplers.values()) and sum(self.samplers.values()) > 0,
                f"scenes.samplers weights must be >= 0 and not all 0, got {self.samplers}")
         _check(0 < self.eval_user_frac < 1, f"scenes.eval_user_frac must be in (0, 1), got {self.eval_user_frac}")
-        for k in ("history_len", "min_history", "candidate_pool", "train_scenes", "eval_scenes", "scenes_per_user", "time_buckets", "svd_dim"):
+        _check(0 <= self.valid_user_frac < 1 and self.eval_user_frac + self.valid_user_frac < 1,
+               f"scenes.valid_user_frac must be in [0, 1) with eval_user_frac + valid_user_frac < 1, got {self.valid_user_frac}")
+        for k in ("history_len", "min_history", "candidate_pool", "train_scenes", "eval_scenes", "valid_scenes", "scenes_per_user", "time_buckets", "svd_dim"):
             _check(isinstance(getattr(self, k), int) and getattr(self, k) >= (0 if k.endswith("scenes") else 1),
                    f"scenes.{k} must be a positive int, got {getattr(self, k)!r}")
         _check(self.min_history <= self.history_len, "scenes.min_history must be <= scenes.history_len")
@@ -162,8 +167,102 @@ def default_models() -> dict:
             "student": LLMConfig(model="smollm2-135m-instruct"),
             "predictor": LLMConfig(model="smollm2-135m-instruct")}
 
+# %% ../nbs/00_config.ipynb #c4001a18
+DISTILL_STRATEGIES = ("uncertainty", "random", "random_answer_only", "teacher_acc_high", "teacher_acc_low", "acc_diff")
+
+@dataclass
+class DistillConfig:
+    budget: int = 0                  # N scenes per strategy (0 = every scene kept by behaviour sampling)
+    strategies: list = field(default_factory=lambda: list(DISTILL_STRATEGIES))  # "uncertainty" is the method, the rest are ablations
+    def __post_init__(self):
+        _check(isinstance(self.budget, int) and self.budget >= 0, f"distill.budget must be an int >= 0, got {self.budget!r}")
+        bad = sorted(set(self.strategies) - set(DISTILL_STRATEGIES))
+        _check(not bad, f"distill.strategies has unknown strategy(ies) {bad}; known: {DISTILL_STRATEGIES}")
+        _check("uncertainty" in self.strategies, "distill.strategies must include 'uncertainty' (the method)")
+
+FINETUNE_METHODS = ("lora", "qlora", "full")
+FINETUNE_RUNS = ("sft", "dpo", "dpo_smoothed")
+
+@dataclass
+class FinetuneConfig:
+    method: str = "lora"             # lora (fp32 on CPU, bf16 on GPU), qlora (bitsandbytes nf4 + LoRA), full (every weight)
+    runs: list = field(default_factory=lambda: list(FINETUNE_RUNS))  # sft, then dpo and dpo_smoothed from the SFT adapter
+    ablation: bool = True            # one SFT model per distillation strategy besides "uncertainty"
+    style_comparison: bool = False   # the same SFT recipe on plain vs evidence scenes
+    loss_on: str = "assistant"       # "assistant": the whole assistant turn; "letter": the behaviour letter only
+    answer_only_scenes: int = 0      # extra answer-only training scenes added to SFT (the recipe for the embedded student; -1 = all)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: str = "all-linear"
+    sft_lr: float = 2e-4
+    sft_epochs: float = 1.0
+    sft_max_steps: int = -1          # > 0 overrides sft_epochs
+    dpo_lr: float = 1e-5
+    dpo_epochs: float = 2.0
+    dpo_max_steps: int = -1
+    beta: float = 0.1                # DPO temperature
+    eps_min: float = 0.0             # RosePO smoothing: per-pair epsilon clipped to [eps_min, eps_max]
+    eps_max: float = 0.4
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 1024           # tokens; longer examples are refused with their scene_id
+    gradient_checkpointing: bool = False
+    save_steps: int = 25             # checkpoint every N steps (resume after an interruption)
+    merge: bool = False              # also write a merged full model (for serving, e.g. behind vLLM)
+    def __post_init__(self):
+        _check(self.method in FINETUNE_METHODS, f"finetune.method must be one of {FINETUNE_METHODS}, got {self.method!r}")
+        bad = sorted(set(self.runs) - set(FINETUNE_RUNS))
+        _check(not bad, f"finetune.runs has unknown run(s) {bad}; known: {FINETUNE_RUNS}")
+        _check(self.loss_on in ("assistant", "letter"), f"finetune.loss_on must be 'assistant' or 'letter', got {self.loss_on!r}")
+        _check(0 <= self.eps_min <= self.eps_max < 0.5, f"finetune.eps_min/eps_max must satisfy 0 <= eps_min <= eps_max < 0.5, got {self.eps_min}, {self.eps_max}")
+        for k in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length", "save_steps"):
+            _check(isinstance(getattr(self, k), int) and getattr(self, k) >= 1, f"finetune.{k} must be an int >= 1, got {getattr(self, k)!r}")
+        for k in ("sft_lr", "dpo_lr", "beta", "sft_epochs", "dpo_epochs"):
+            _check(getattr(self, k) > 0, f"finetune.{k} must be > 0, got {getattr(self, k)!r}")
+        _check(isinstance(self.answer_only_scenes, int) and self.answer_only_scenes >= -1, "finetune.answer_only_scenes must be an int >= -1")
+
+EVAL_MODES = ("direct", "thought")
+
+@dataclass
+class EvaluateConfig:
+    repeats: int = 10                # R behaviours sampled per scene (the paper's accuracy)
+    bootstrap: int = 1000            # bootstrap resamples for 95% CIs
+    ece_bins: int = 10
+    modes: list = field(default_factory=lambda: list(EVAL_MODES))
+    thought_scenes: int = 10         # eval scenes per domain in thought mode (generation is slow on CPU; 0 = all)
+    thought_models: list = field(default_factory=list)  # models evaluated in thought mode ([] = base student and the method's SFT+DPO)
+    max_new_tokens: int = 144
+    models: list = field(default_factory=list)  # [] = base models + every model the finetune stage wrote
+    def __post_init__(self):
+        bad = sorted(set(self.modes) - set(EVAL_MODES))
+        _check(not bad, f"evaluate.modes has unknown mode(s) {bad}; known: {EVAL_MODES}")
+        for k in ("repeats", "bootstrap", "ece_bins", "max_new_tokens"):
+            _check(isinstance(getattr(self, k), int) and getattr(self, k) >= 1, f"evaluate.{k} must be an int >= 1")
+        _check(isinstance(self.thought_scenes, int) and self.thought_scenes >= 0, "evaluate.thought_scenes must be an int >= 0")
+
+@dataclass
+class BaselinesConfig:
+    knn_history: int = 10            # item-kNN: history items that vote
+    sasrec_dim: int = 64
+    sasrec_layers: int = 2
+    sasrec_heads: int = 2
+    sasrec_max_len: int = 50
+    sasrec_epochs: int = 30
+    sasrec_lr: float = 1e-3
+    sasrec_dropout: float = 0.2
+    aaai_weights: dict = field(default_factory=lambda: {"keywords": 1.0, "embedding": 1.0, "sasrec": 1.0})
+    difficulty: bool = True          # task-difficulty table: baselines on eval scenes built with each sampler alone
+    def __post_init__(self):
+        for k in ("knn_history", "sasrec_dim", "sasrec_layers", "sasrec_heads", "sasrec_max_len", "sasrec_epochs"):
+            _check(isinstance(getattr(self, k), int) and getattr(self, k) >= 1, f"baselines.{k} must be an int >= 1")
+        _check(self.sasrec_dim % self.sasrec_heads == 0, "baselines.sasrec_dim must be divisible by baselines.sasrec_heads")
+        bad = sorted(set(self.aaai_weights) - {"keywords", "embedding", "sasrec"})
+        _check(not bad, f"baselines.aaai_weights has unknown key(s) {bad}; known: keywords, embedding, sasrec")
+
 # %% ../nbs/00_config.ipynb #8305959d
-_SECTIONS = {"assets": AssetsConfig, "scenes": ScenesConfig, "rationales": RationalesConfig}
+_SECTIONS = {"assets": AssetsConfig, "scenes": ScenesConfig, "rationales": RationalesConfig, "distill": DistillConfig,
+             "finetune": FinetuneConfig, "evaluate": EvaluateConfig, "baselines": BaselinesConfig}
 
 @dataclass
 class Config:
@@ -176,6 +275,10 @@ class Config:
     domains: list = field(default_factory=list)    # list[DomainConfig]
     models: dict = field(default_factory=default_models)  # role -> LLMConfig (teacher, student, predictor)
     rationales: RationalesConfig = field(default_factory=RationalesConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     source: str = ""                               # the YAML file this came from (for messages)
     def __post_init__(self):
         _check(isinstance(self.seed, int), f"seed must be an int, got {self.seed!r}")

@@ -18,7 +18,7 @@ from .config import (Config, ConfigError, DomainConfig, ScenesConfig, atomic_pat
                                   record_stage, write_json)
 
 # %% auto #0
-__all__ = ['LETTERS', 'TEMPLATES', 'SAMPLER_IDS', 'SCENE_COLUMNS', 'letters', 'render_rows', 'Domain', 'prepare_domain',
+__all__ = ['LETTERS', 'TEMPLATES', 'SAMPLER_IDS', 'SCENE_COLUMNS', 'SPLITS', 'letters', 'render_rows', 'Domain', 'prepare_domain',
            'ScenePlan', 'plan_scenes', 'Stats', 'compute_stats', 'sample_negatives', 'evidence_lines', 'render_scene',
            'precompute', 'assemble_scenes', 'build_scenes', 'item_embeddings', 'scenes_summary', 'save_scenes',
            'load_scenes', 'run_scenes']
@@ -151,7 +151,7 @@ def prepare_domain(users: pd.DataFrame, items: pd.DataFrame, inter: pd.DataFrame
 class ScenePlan:
     user: np.ndarray     # (S,) user index
     pos: np.ndarray      # (S,) absolute interaction position of the target
-    split: np.ndarray    # (S,) "train" | "eval"
+    split: np.ndarray    # (S,) "train" | "eval" | "valid" (validation users: not eval users, never trained on)
     bucket: np.ndarray   # (S,) time bucket
     edges: np.ndarray    # (B,) bucket start times (statistics use interactions strictly before)
     is_eval_user: np.ndarray  # (U,) bool
@@ -172,14 +172,18 @@ def _targets(dom: Domain, users: np.ndarray, n: int, per_user: int, min_history:
     return np.array(us, dtype=np.int64), np.array(ps, dtype=np.int64)
 
 def plan_scenes(dom: Domain, scfg: ScenesConfig, rng: np.random.Generator) -> ScenePlan:
-    "Choose eval users, targets for both splits, and the time buckets."
+    "Choose eval and validation users, targets for the three splits, and the time buckets."
     perm = rng.permutation(dom.n_users)
     n_eval = max(1, int(round(scfg.eval_user_frac * dom.n_users)))
+    n_valid = int(round(scfg.valid_user_frac * dom.n_users)) if scfg.valid_scenes else 0
     is_eval = np.zeros(dom.n_users, bool); is_eval[perm[:n_eval]] = True
-    tu, tp = _targets(dom, perm[n_eval:], scfg.train_scenes, scfg.scenes_per_user, scfg.min_history, rng)
+    # validation users come from the end of the permutation, so adding them leaves the train targets as they were
+    train_users, valid_users = perm[n_eval:len(perm) - n_valid], perm[len(perm) - n_valid:]
+    tu, tp = _targets(dom, train_users, scfg.train_scenes, scfg.scenes_per_user, scfg.min_history, rng)
     eu, ep = _targets(dom, perm[:n_eval], scfg.eval_scenes, scfg.scenes_per_user, scfg.min_history, rng)
-    user, pos = np.concatenate([tu, eu]), np.concatenate([tp, ep])
-    split = np.array(["train"] * len(tu) + ["eval"] * len(eu), dtype=object)
+    vu, vp = _targets(dom, valid_users, scfg.valid_scenes, scfg.scenes_per_user, scfg.min_history, rng)
+    user, pos = np.concatenate([tu, eu, vu]), np.concatenate([tp, ep, vp])
+    split = np.array(["train"] * len(tu) + ["eval"] * len(eu) + ["valid"] * len(vu), dtype=object)
     if dom.has_time and len(pos):
         t = dom.time[pos]
         edges = np.unique(np.quantile(t, np.linspace(0, 1, scfg.time_buckets + 1)[:-1], method="lower"))
@@ -311,26 +315,27 @@ def evidence_lines(dom: Domain, st: Stats, expo: np.ndarray, hist_items: np.ndar
     n_e = st.counts[r]; n_h = np.where(valid, st.counts[np.maximum(c, 0)], 0)
     sim = np.where((n_e > 0) & (n_h > 0), co / np.sqrt(np.maximum(n_e * n_h, 1)), 0).reshape(S, k, L)
     best = sim.argmax(2); bsim = np.take_along_axis(sim, best[..., None], 2)[..., 0]
+    n_all = st.counts[expo]
+    # rank 1 = the most similar item of the list (ties: more earlier users first, then list order)
+    order = np.lexsort((np.tile(np.arange(k), (S, 1)), -n_all, -np.round(bsim, 2)), axis=1)
+    rank = np.empty((S, k), np.int64); np.put_along_axis(rank, order, np.arange(1, k + 1)[None, :].repeat(S, 0), 1)
     out = np.empty((S, k), dtype=object)
     for s in range(S):
         for j in range(k):
-            n = int(st.counts[expo[s, j]])
-            line = f"chosen by {n} earlier user{'s' if n != 1 else ''}"
-            if bsim[s, j] > 0:
-                h = hist_items[s, best[s, j]]
-                line += f"; most similar to your history item {dom.item_text[h].split(' — ')[0]} (similarity {bsim[s, j]:.2f})"
-            else:
-                line += "; no history item was chosen by the same users"
-            out[s, j] = line
+            n = int(n_all[s, j])
+            out[s, j] = (f"chosen by {n} earlier user{'s' if n != 1 else ''}; "
+                         f"similarity to your history {bsim[s, j]:.2f} (rank {rank[s, j]} of {k})")
     return out
 
 # %% ../nbs/02_scenes.ipynb #c73b98df
-def render_scene(scene: dict) -> str:
-    "The scene's text: profile, history and lettered exposure list."
+def render_scene(scene: dict, style: str | None = None) -> str:
+    "The scene's text: profile, history and lettered exposure list; evidence lines only in the `evidence` style (default: the scene's own `style`)."
+    style = style or scene.get("style") or "evidence"
     lines = ["## User profile", scene["profile"], "", "## History (oldest first)"]
     lines += [f"- {h}" for h in scene["history"]] or ["- (no earlier interactions)"]
     lines += ["", "## Exposure list"]
-    ev = scene.get("exposure_evidence") or [""] * len(scene["exposure_texts"])
+    ev = scene.get("exposure_evidence")
+    if ev is None or style != "evidence": ev = [""] * len(scene["exposure_texts"])
     for L, txt, e in zip(LETTERS, scene["exposure_texts"], ev):
         lines.append(f"[{L}] {txt}")
         if e: lines.append(f"    evidence: {e}")
@@ -353,8 +358,9 @@ def precompute(dom: Domain, scfg: ScenesConfig, seed: int) -> tuple[ScenePlan, l
     return plan, stats
 
 def assemble_scenes(dom: Domain, scfg: ScenesConfig, plan: ScenePlan, stats: list[Stats], seed: int,
-                    item_emb: np.ndarray | None = None, chunk: int | None = None) -> pd.DataFrame:
-    "Scenes for a plan: exposure lists, uniform gt_pos, history and texts (vectorised per bucket and chunk)."
+                    item_emb: np.ndarray | None = None, chunk: int | None = None, with_evidence: bool | None = None) -> pd.DataFrame:
+    "Scenes for a plan: exposure lists, uniform gt_pos, history and texts (vectorised per bucket and chunk). `with_evidence`: also compute the evidence lines (default: only for the evidence style)."
+    with_evidence = scfg.style == "evidence" if with_evidence is None else with_evidence
     rng = _rng(seed, dom.name, 1)
     k, L, S = scfg.k, scfg.history_len, len(plan.pos)
     letters(k)
@@ -388,7 +394,7 @@ def assemble_scenes(dom: Domain, scfg: ScenesConfig, plan: ScenePlan, stats: lis
             e[col == g[:, None]] = dom.items[plan.pos[rows]]
             w[col == g[:, None]] = -1
             expo[rows], smp[rows] = e, w
-            if scfg.style == "evidence": evid[rows] = evidence_lines(dom, st, e, hi)
+            if with_evidence: evid[rows] = evidence_lines(dom, st, e, hi)
     names = np.array(["ground_truth"] + list(SAMPLER_IDS), dtype=object)
     fb_txt = TEMPLATES[dom.source][2]
     date = (lambda ts: " on " + _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%Y-%m-%d")) if dom.has_time else (lambda ts: "")
@@ -404,7 +410,7 @@ def assemble_scenes(dom: Domain, scfg: ScenesConfig, plan: ScenePlan, stats: lis
         "history": hist_txt, "history_item_ids": hist_ids,
         "exposure_item_ids": [list(r) for r in dom.item_ids[expo]],
         "exposure_texts": [list(r) for r in dom.item_text[expo]],
-        "exposure_evidence": [list(r) for r in evid] if scfg.style == "evidence" else [[""] * k for _ in range(S)],
+        "exposure_evidence": [list(r) for r in evid] if with_evidence else [[""] * k for _ in range(S)],
         "negative_samplers": [list(r) for r in names[smp + 1]],
         "gt_pos": gt_pos.astype(np.int64), "gt_letter": np.array(list(LETTERS))[gt_pos],
         "choice_cnt": np.full(S, k, dtype=np.int64), "style": scfg.style, "time_bucket": plan.bucket,
@@ -437,26 +443,28 @@ SCENE_COLUMNS = ["scene_id", "domain", "split", "user_id", "item_id", "timestamp
                  "history_item_ids", "exposure_item_ids", "exposure_texts", "exposure_evidence", "negative_samplers",
                  "gt_pos", "gt_letter", "choice_cnt", "style", "time_bucket", "scene_text"]
 
+SPLITS = ("train", "valid", "eval")
+
 def scenes_summary(df: pd.DataFrame) -> dict:
     "Counts per domain/split, negative samplers used, and the gt position histogram per domain."
     out = {}
     for d, g in df.groupby("domain", sort=True):
         smp = pd.Series([s for r in g["negative_samplers"] for s in r if s != "ground_truth"]).value_counts()
-        out[d] = {"scenes": {s: int((g["split"] == s).sum()) for s in ("train", "eval")},
-                  "users": {s: int(g.loc[g["split"] == s, "user_id"].nunique()) for s in ("train", "eval")},
+        out[d] = {"scenes": {s: int((g["split"] == s).sum()) for s in SPLITS},
+                  "users": {s: int(g.loc[g["split"] == s, "user_id"].nunique()) for s in SPLITS},
                   "negative_samplers": {k: int(v) for k, v in smp.items()},
                   "gt_pos_counts": np.bincount(g["gt_pos"], minlength=int(g["choice_cnt"].max())).tolist()}
     return out
 
 def save_scenes(df: pd.DataFrame, out_dir: str | Path) -> Path:
-    "Write train/eval parquet (HF datasets) and summary.json atomically; returns the folder."
+    "Write train/valid/eval parquet (HF datasets) and summary.json atomically; returns the folder."
     from datasets import Dataset
     df = df.copy()
     if "scene_text" not in df: df["scene_text"] = [render_scene(r) for r in df.to_dict("records")]
     df = df[SCENE_COLUMNS]
     with atomic_path(out_dir, is_dir=True) as tmp:
         tmp.mkdir(parents=True, exist_ok=True)
-        for split in ("train", "eval"):
+        for split in SPLITS:
             Dataset.from_pandas(df[df["split"] == split].reset_index(drop=True), preserve_index=False).to_parquet(str(tmp / f"{split}.parquet"))
         (tmp / "summary.json").write_text(json.dumps(scenes_summary(df), indent=2, sort_keys=True))
     return Path(out_dir)
@@ -487,7 +495,7 @@ def run_scenes(cfg: Config) -> Path:
         t2 = time.time()
         plan, stats = precompute(dom, cfg.scenes, cfg.seed)
         t3 = time.time()
-        frames.append(assemble_scenes(dom, cfg.scenes, plan, stats, cfg.seed, emb))
+        frames.append(assemble_scenes(dom, cfg.scenes, plan, stats, cfg.seed, emb, with_evidence=True))  # evidence kept for the style comparison
         t4 = time.time()
         timings[dcfg.name] = dict(prepare_s=round(t2 - t1, 2), precompute_s=round(t3 - t2, 2), assemble_s=round(t4 - t3, 2),
                                   users=dom.n_users, items=dom.n_items, interactions=len(dom.items))
