@@ -24,3 +24,15 @@ def pytest_collection_modifyitems(config, items):
     if gpu_items and not _cuda_available():
         skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
         for it in gpu_items: it.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ml_raw(tmp_path_factory):
+    "Real ML-100K raw tables through the assets stage (offline wheel), into a temporary results folder (once per session)."
+    from usermirror_nb.assets import load_raw, run_assets
+    from usermirror_nb.config import config_from_dict
+    root = tmp_path_factory.mktemp("results")
+    cfg = config_from_dict({"profile": "t", "results_root": str(root), "assets": {"models": []},
+                            "domains": [{"name": "movielens", "source": "ml-100k", "positive_min": 4}]})
+    run_assets(cfg)
+    return load_raw(cfg.results_dir / "assets" / "raw" / "movielens")

@@ -26,16 +26,11 @@ BASE = "smollm2-135m-instruct"
 
 
 @pytest.fixture(scope="module")
-def scenes(tmp_path_factory):
+def scenes(ml_raw):
     "Real ML-100K scenes through the assets and scenes code (12 train, 6 valid, 6 eval)."
-    from usermirror_nb.assets import load_raw, run_assets
     from usermirror_nb.config import DomainConfig, ScenesConfig
     from usermirror_nb.scenes import build_scenes, prepare_domain
-    root = tmp_path_factory.mktemp("results")
-    cfg = config_from_dict({"profile": "t", "results_root": str(root), "assets": {"models": []},
-                            "domains": [{"name": "movielens", "source": "ml-100k", "positive_min": 4}]})
-    run_assets(cfg)
-    raw = load_raw(cfg.results_dir / "assets" / "raw" / "movielens")
+    raw = ml_raw
     ml = prepare_domain(raw.users, raw.items, raw.interactions, DomainConfig(name="movielens", source="ml-100k", positive_min=4), has_time=True)
     df = build_scenes(ml, ScenesConfig(train_scenes=12, eval_scenes=6, valid_scenes=6, history_len=3, k=4, samplers={"random": 1.0}), 0)
     df["scene_text"] = [render_scene(r, "plain") for r in df.to_dict("records")]

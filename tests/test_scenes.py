@@ -14,17 +14,6 @@ MIX = {"random": 1.0, "popularity": 1.0, "collaborative": 1.0, "content": 1.0}
 
 
 @pytest.fixture(scope="module")
-def ml_raw(tmp_path_factory):
-    "Real ML-100K raw tables through the assets stage (offline wheel), into a temporary results folder."
-    from usermirror_nb.assets import load_raw, run_assets
-    root = tmp_path_factory.mktemp("results")
-    cfg = config_from_dict({"profile": "t", "results_root": str(root), "assets": {"models": []},
-                            "domains": [{"name": "movielens", "source": "ml-100k", "positive_min": 4}]})
-    run_assets(cfg)
-    return load_raw(cfg.results_dir / "assets" / "raw" / "movielens")
-
-
-@pytest.fixture(scope="module")
 def ml(ml_raw):
     return prepare_domain(ml_raw.users, ml_raw.items, ml_raw.interactions, ML, has_time=True)
 
