@@ -11,9 +11,9 @@ STAMP := $(VENV)/.installed-$(shell cat settings.ini setup.py pyproject.toml | s
 # pip here prints one harmless line per package for an extra index that does not exist; hide them (exit status kept)
 QUIET_PIP := { grep -v "^WARNING: Location 'file:///opt/pypi.* is ignored" || true; }
 
-.PHONY: help install paper test export clean lab readme
+.PHONY: help install paper test export clean lab readme recipe-study
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
 install: $(STAMP)  ## create $(VENV) and install the project (torch CPU first); re-runs when settings.ini/setup.py change
 $(STAMP):
@@ -29,6 +29,11 @@ $(STAMP):
 
 paper: install  ## run the stage notebooks with papermill for PROFILE (results/$(PROFILE)/)
 	$(BIN)/usermirror-paper --profile $(PROFILE) --overrides "$(OVERRIDES)"
+
+recipe-study: install  ## the recipe study of 07_finetune: scenes in results/study/, curves in results/recipe_study/ (variants without a result)
+	$(BIN)/usermirror-paper --profile quick --overrides "profile=study,scenes.train_scenes=1000" --stages config,assets,scenes
+	$(BIN)/python -c "from usermirror_nb.config import load_config; from usermirror_nb.finetune import run_recipe_study; \
+	  run_recipe_study(load_config('quick', 'profile=study,scenes.train_scenes=1000'))"
 
 test: install  ## export is in sync, notebook tests (nbdev_test), pytest (not slow; gpu tests skip without CUDA)
 	@tmp=$$(mktemp -d); cp -r usermirror_nb $$tmp/before; \

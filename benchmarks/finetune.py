@@ -2,11 +2,13 @@
 tokens trained per second, for SFT and DPO, side by side in one run.
 
     .venv/bin/python benchmarks/finetune.py [--steps 3] [--batch 4] [--device cpu|cuda] [--loss-on assistant|letter]
-                                            [--variants ours,trl] [--phases sft,dpo]
+                                            [--variants ours,top4,trl] [--phases sft,dpo]
 
 Variants (same data, same trainer code path `train_sft` / `train_dpo`):
   ours  the stage's settings: on CPU fp32, no gradient checkpointing, group_by_length, LM head on labelled positions only
-        (`compact_lm_head`); on GPU trl's own head with bf16.
+        (`compact_lm_head`); on GPU trl's own head with bf16. LoRA on every layer.
+  top4  ours with `finetune.lora_layers=4`: LoRA on the top 4 of 30 layers, so the backward pass stops there (the quick
+        profile's setting).
   trl   trl's defaults on this device: gradient checkpointing on, bf16 autocast, trl's fused LM head (which scores every
         position when there is no Triton), random sampling.
 Data: the full EKB prompt on ML-100K scenes from results/quick/scenes/train.parquet when present (else synthetic ones),
@@ -65,8 +67,8 @@ def tables(n: int):
 def fresh_adapter(path: Path, fc, device: str):
     "An untrained LoRA adapter folder that train_dpo accepts as its SFT model (DPO's speed does not depend on it)."
     from peft import get_peft_model
-    from usermirror_nb.finetune import load_student, lora_config
-    get_peft_model(load_student(BASE, fc.method, device=device), lora_config(fc)).save_pretrained(str(path))
+    from usermirror_nb.finetune import load_student, lora_config, num_layers
+    get_peft_model(load_student(BASE, fc.method, device=device), lora_config(fc, num_layers(BASE))).save_pretrained(str(path))
     (path / "usermirror.json").write_text(json.dumps({"kind": "adapter", "strategy": "uncertainty", "style": "plain", "fingerprint": "benchmark"}))
 
 
@@ -84,8 +86,8 @@ def child(a) -> dict:
         def on_step_end(self, args, state, control, **kw): steps.append(time.perf_counter() - self.t); cpu.append(time.process_time() - self.c)
 
     fc = FinetuneConfig(method="lora", batch_size=a.batch, sft_max_steps=a.steps, dpo_max_steps=a.steps, loss_on=a.loss_on,
-                        save_steps=10 ** 6, max_length=4096, ablation=False)
-    ours = a.variant == "ours"
+                        save_steps=10 ** 6, max_length=4096, ablation=False, lora_layers=4 if a.variant == "top4" else 0)
+    ours = a.variant in ("ours", "top4")
     over = {} if ours else dict(gradient_checkpointing=True, bf16=True)
     if a.phase == "sft" and not ours: over["train_sampling_strategy"] = "random"
     with tempfile.TemporaryDirectory() as d:
@@ -114,7 +116,7 @@ def main():
     p.add_argument("--batch", type=int, default=4, help="examples (SFT) or pairs (DPO) per step")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--loss-on", default="assistant", choices=["assistant", "letter"])
-    p.add_argument("--variants", default="ours,trl")
+    p.add_argument("--variants", default="ours,top4,trl")
     p.add_argument("--phases", default="sft,dpo")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--phase", help=argparse.SUPPRESS)

@@ -134,7 +134,7 @@ def test_eval_plan_selection():
     specs = [sp(STUDENT, "student"), sp("gemma3-270m", "teacher"), sp("sft"), sp("dpo_smoothed"), sp("sft_random")]
     p = eval_plan(cfg, specs)
     assert [s.name for s in p["models"]] == [STUDENT, "gemma3-270m", "sft", "dpo_smoothed", "sft_random"]
-    assert p["valid"] == [STUDENT, "sft", "dpo_smoothed"] and p["thought"] == [STUDENT, "dpo_smoothed"] and p["missing"] == []
+    assert p["valid"] == ["dpo_smoothed"] and p["thought"] == [STUDENT, "dpo_smoothed"] and p["missing"] == []
     cfg.evaluate.models, cfg.evaluate.thought_models = ["gemma3-270m", "sft", "dpo"], ["sft"]
     with pytest.warns(UserWarning, match=r"\['dpo'\] are not available"):
         p = eval_plan(cfg, specs)
@@ -284,12 +284,12 @@ def test_run_evaluate_end_to_end_and_resume(tiny_results):
     assert list(pred.columns) == PRED_COLUMNS
     validate_predictions(pred)
     n = pred.groupby(["model", "mode", "split"]).size().to_dict()
-    assert n == {(STUDENT, "direct", "eval"): 2, (STUDENT, "direct", "valid"): 1,
+    assert n == {(STUDENT, "direct", "eval"): 2,     # valid scenes: only the hybrid's LLM (the fine-tuned one here)
                  ("sft", "direct", "eval"): 2, ("sft", "direct", "valid"): 1, ("sft", "thought", "eval"): 1}
     th = pred[pred["mode"] == "thought"]
     assert th["rationale"].str.startswith("Stimulus:").all() and (pred.loc[pred["mode"] == "direct", "rationale"] == "").all()
     mt = pd.read_parquet(out / "metrics.parquet")
-    assert set(mt["group"]) == {"all", "domain=movielens", "choice_cnt=5"} and len(mt) == 5 * 3
+    assert set(mt["group"]) == {"all", "domain=movielens", "choice_cnt=5"} and len(mt) == 4 * 3
     for f in ("summary.json", "reliability.png", "position_bias.png"):
         assert (out / f).stat().st_size > 0, f
     s = json.loads((out / "summary.json").read_text())
@@ -297,7 +297,7 @@ def test_run_evaluate_end_to_end_and_resume(tiny_results):
     assert s["scenes"] == {"eval": 2, "valid": 1, "thought": 1}
     assert s["timings"]["sft"]["direct"]["scenes"] == 3 and not s["timings"]["sft"]["direct"]["reused"]
     st = json.loads((cfg.results_dir / "stages" / "evaluate.json").read_text())
-    assert st["status"] == "done" and st["counts"]["predictions"] == 7
+    assert st["status"] == "done" and st["counts"]["predictions"] == 6
     # rerun: every part is reused, the predictions are identical
     run_evaluate(cfg, progress=False)
     s2 = json.loads((out / "summary.json").read_text())

@@ -278,6 +278,24 @@ def test_dpo_smoothed_starts_from_the_sft_policy(sft_model, scenes, tmp_path):
     assert list(loaded.peft_config) == ["default"]
 
 
+def test_full_fine_tune_and_its_dpo_reference(scenes, tmp_path):
+    "method=full: every weight trains and is saved as a transformers folder; DPO's reference is a frozen copy of it."
+    df = sft_rows(scenes[scenes.split == "train"].head(2))
+    cfg = fcfg(method="full", sft_lr=1e-5, dpo_lr=1e-6, sft_max_steps=1, dpo_max_steps=1, batch_size=2)
+    um = train_sft(BASE, df, cfg, tmp_path / "sft", device="cpu")
+    assert um["kind"] == "full" and um["steps"] == 1 and math.isfinite(um["final_loss"])
+    files = {p.name for p in (tmp_path / "sft").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "usermirror.json"} <= files and "adapter_config.json" not in files
+    tc = json.loads((tmp_path / "sft" / "train_config.json").read_text())
+    assert tc["lora"] is None
+    d = train_dpo(BASE, tmp_path / "sft", pref_rows(scenes[scenes.split == "train"].head(1)), cfg, tmp_path / "dpo", device="cpu")
+    assert d["kind"] == "full" and d["reference"] == "frozen copy of the sft model"
+    first = [h for h in json.loads((tmp_path / "dpo" / "log_history.json").read_text()) if "loss" in h][0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5) and first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    m, _ = load_finetuned(tmp_path / "dpo")
+    assert type(m).__name__ == "LlamaForCausalLM"
+
+
 def _dpo_trainer(cls, sft_dir, ds, **kw):
     from peft import PeftModel
     from usermirror_nb.finetune import dpo_config, load_student, lora_config
@@ -417,3 +435,40 @@ def test_run_finetune_on_tiny_distill_outputs(scenes, tmp_path, monkeypatch):
     assert rec["status"] == "done" and rec["counts"]["models"] == 2 and "dpo skipped" in rec["note"]
     monkeypatch.setattr(ft, "load_student", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     assert json.loads(run_finetune(cfg).read_text())["models"] == m["models"]
+
+
+# -- LoRA on the top layers only, and the recipe study's cached path -------------------------------------------------
+
+def test_lora_on_the_top_layers_only(scenes, tmp_path):
+    "finetune.lora_layers=2: the adapter holds LoRA weights for layers 28 and 29 of SmolLM2's 30 and nothing below."
+    from safetensors.torch import load_file
+    df = sft_rows(scenes[scenes.split == "train"].head(2))
+    um = train_sft(BASE, df, fcfg(lora_layers=2, sft_max_steps=1), tmp_path / "sft", device="cpu")
+    assert um["steps"] == 1 and math.isfinite(um["final_loss"])
+    keys = load_file(str(tmp_path / "sft" / "adapter_model.safetensors")).keys()
+    layers = {int(m.group(1)) for k in keys if (m := re.search(r"\.layers\.(\d+)\.", k))}
+    assert layers == {28, 29}, layers
+    assert json.loads((tmp_path / "sft" / "train_config.json").read_text())["lora"]["layers_to_transform"] == [28, 29]
+
+
+def test_recipe_study_cache_is_the_full_model(scenes):
+    "Cached states after 28 layers + the top 2 layers give the full model's letter probabilities; training on them runs."
+    from usermirror_nb.assets import load_causal_lm
+    from usermirror_nb.finetune import _study_encode, _top_model, cache_hidden, cached_eval, train_cached
+    from usermirror_nb.llm import letter_token_ids
+    model, tok = load_causal_lm(BASE, dtype=torch.float32)
+    model.eval()
+    for p in model.parameters(): p.requires_grad_(False)
+    sc = scenes[scenes.split == "eval"].head(3)
+    c = cache_hidden(model, tok, sc, "evidence", freeze=28, with_answer=False)
+    lid = letter_token_ids(tok, int(sc["choice_cnt"].max()))
+    pg = []
+    for r in sc.to_dict("records"):     # the full model, fp32, one scene at a time
+        ids, pos = _study_encode(tok, r, "evidence", False, lid)
+        with torch.no_grad(): logits = model(torch.tensor([ids])).logits[0, pos]
+        pg.append(float(torch.softmax(logits[lid], -1)[r["gt_pos"]]))
+    res = cached_eval(_top_model(model, 28, "lora", 4, 2), c)
+    assert res["n"] == 3 and res["accuracy"] == pytest.approx(float(np.mean(pg)), abs=0.03)
+    tr = cache_hidden(model, tok, scenes[scenes.split == "train"].head(4), "evidence", freeze=28, with_answer=True)
+    out = train_cached(model, tr, c, kind="full", lr=1e-4, steps=2, batch_size=2, n_layers=1, eval_every=1)
+    assert [p["step"] for p in out["curve"]] == [0, 1, 2] and all(math.isfinite(p["loss"]) for p in out["curve"][1:])

@@ -195,6 +195,7 @@ class FinetuneConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     target_modules: str = "all-linear"
+    lora_layers: int = 0             # LoRA on the top N decoder layers only (0 = all): backward stops there, CPU steps are cheaper
     sft_lr: float = 2e-4
     sft_epochs: float = 1.0
     sft_max_steps: int = -1          # > 0 overrides sft_epochs
@@ -216,6 +217,7 @@ class FinetuneConfig:
         _check(not bad, f"finetune.runs has unknown run(s) {bad}; known: {FINETUNE_RUNS}")
         _check(self.loss_on in ("assistant", "letter"), f"finetune.loss_on must be 'assistant' or 'letter', got {self.loss_on!r}")
         _check(0 <= self.eps_min <= self.eps_max < 0.5, f"finetune.eps_min/eps_max must satisfy 0 <= eps_min <= eps_max < 0.5, got {self.eps_min}, {self.eps_max}")
+        _check(isinstance(self.lora_layers, int) and self.lora_layers >= 0, f"finetune.lora_layers must be an int >= 0, got {self.lora_layers!r}")
         for k in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length", "save_steps"):
             _check(isinstance(getattr(self, k), int) and getattr(self, k) >= 1, f"finetune.{k} must be an int >= 1, got {getattr(self, k)!r}")
         for k in ("sft_lr", "dpo_lr", "beta", "sft_epochs", "dpo_epochs"):

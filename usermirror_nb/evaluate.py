@@ -389,7 +389,10 @@ def eval_plan(cfg: Config, specs: list[SimSpec] | None = None) -> dict:
         missing = [m for m in ecfg.models if m not in names]
         specs = [s for s in specs if s.name in ecfg.models]; names = [s.name for s in specs]
     student = cfg.models["student"].model
-    valid = [n for n in names if n == student or n in METHOD_RUNS] if "direct" in ecfg.modes else []
+    # validation users are scored only for the LLM the hybrid will use (stage 09 fits its weight there): the method's
+    # final model, else the base student
+    hyb = next((r for r in FINAL_PREFERENCE if r in names), student if student in names else None)
+    valid = [hyb] if "direct" in ecfg.modes and hyb else []
     if "thought" not in ecfg.modes: thought = []
     elif ecfg.thought_models:
         missing += [m for m in ecfg.thought_models if m not in names and m not in missing]
