@@ -40,7 +40,7 @@ def test_every_stage_done(tiny):
 def test_report_sections_and_figures(tiny):
     _, cfg, out = tiny
     text = (out / "REPORT.md").read_text()
-    for title in ("How to read this report", "Main table", "SFT, DPO and RosePO-smoothed DPO", "Distillation ablation",
+    for title in ("How to read this report", "Main table", "Headline", "SFT, DPO and RosePO-smoothed DPO", "Distillation ablation",
                   "Hybrid simulator", "Task difficulty", "Position bias", "What the models learned from",
                   "Wall time per stage", "Provenance"):
         assert f"## {title}" in text, title
@@ -63,3 +63,8 @@ def test_report_numbers_match_the_artifacts(tiny):
         assert r["accuracy % (all)"] == cell
         assert f"| {r['model']} |" in text and cell in text
         assert int(r["n (all)"]) == int(x["n"]) == 12
+    # the headline names the best non-random baseline of the artifacts and says where the fine-tuned model stands
+    hl = {r["group"]: r for r in rep["headline"]}["all"]
+    bl = m[(m.split == "eval") & (m["mode"] == "direct") & (m.group == "all") & m.model.isin(["popularity", "item_knn", "sasrec", "aaai2025"])]
+    assert hl["baseline"] in set(bl.loc[bl.accuracy == bl.accuracy.max(), "model"]) and hl["base"] == "smollm2-135m-instruct"
+    assert len(hl["verdicts"]) == 3 and f"**all**: base student `smollm2-135m-instruct`" in text

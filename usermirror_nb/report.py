@@ -14,7 +14,7 @@ from .config import Config, STAGES, load_config, package_versions, record_stage,
 
 # %% auto #0
 __all__ = ['BASELINE_NAMES', 'pct', 'ci', 'num', 'md_table', 'load_artifacts', 'model_kind', 'all_metrics', 'metric_table',
-           'accuracy_figure', 'git_state', 'build_report', 'run_report']
+           'headline', 'accuracy_figure', 'git_state', 'build_report', 'run_report']
 
 # %% ../nbs/10_report.ipynb #92653f68
 def pct(v) -> str:
@@ -103,6 +103,38 @@ def metric_table(m: pd.DataFrame, split: str = "eval", mode: str = "direct", mod
             row["NLL"] = num(x["nll"]); row["ECE"] = num(x["ece"])
         rows.append(row)
     return pd.DataFrame(rows)
+
+# %% ../nbs/10_report.ipynb #827c09e0
+def _versus(a: pd.Series, b: pd.Series) -> str:
+    "Where a's accuracy CI sits against b's."
+    if a["accuracy_lo"] > b["accuracy_hi"]: return "above"
+    if a["accuracy_hi"] < b["accuracy_lo"]: return "below"
+    return "not distinguishable from"
+
+def headline(m: pd.DataFrame, student: str, k: int, groups: tuple = ("all",)) -> tuple[str, list]:
+    "Markdown bullets (one per group) and their numbers: base student, best fine-tuned, best baseline, hybrid, and the verdicts."
+    s = m[(m["split"] == "eval") & (m["mode"] == "direct")] if len(m) else m
+    lines, rows = [], []
+    for g in groups:
+        t = s[s["group"] == g].set_index("model") if len(s) else s
+        if t.empty: continue
+        def best(kind, exclude=()):
+            c = t[(t["kind"] == kind) & ~t.index.isin(exclude)]
+            return None if c.empty else str(c.sort_values(["accuracy", "nll"], ascending=[False, True]).index[0])
+        base = student if student in t.index else None
+        ft, bl = best("fine-tuned"), best("baseline", exclude=("random",))
+        hy = "hybrid" if "hybrid" in t.index else None
+        show = lambda n: f"`{n}` {ci(t.loc[n, 'accuracy'], t.loc[n, 'accuracy_lo'], t.loc[n, 'accuracy_hi'])}"
+        parts = [f"{label}{show(n)}" for label, n in (("base student ", base), ("best fine-tuned ", ft), ("best baseline ", bl),
+                                                         ("", hy)) if n]
+        says = []
+        if ft:
+            says.append(f"the best fine-tuned model's CI {'excludes' if t.loc[ft, 'accuracy_lo'] > 1 / k else 'includes'} chance ({pct(1 / k)}%)")
+            if base: says.append(f"it is {_versus(t.loc[ft], t.loc[base])} the base student")
+            if bl: says.append(f"{_versus(t.loc[ft], t.loc[bl])} the best baseline")
+        lines.append(f"- **{g}**: " + "; ".join(parts) + (f". {says[0][0].upper()}{'; '.join(says)[1:]}." if says else "."))
+        rows.append({"group": g, "base": base, "fine_tuned": ft, "baseline": bl, "hybrid": hy, "verdicts": says})
+    return "\n".join(lines), rows
 
 # %% ../nbs/10_report.ipynb #72402258
 def accuracy_figure(m: pd.DataFrame, path: str | Path, split: str = "eval", mode: str = "direct", k: int = 5) -> Path | None:
@@ -210,6 +242,10 @@ This profile has {n_eval} eval scenes in all ({", ".join(f"{d}: {v.get('eval', 0
     numbers["main"] = main.to_dict("records")
     out.append(_section("Main table: simulators and baselines on eval scenes (direct mode)", md_table(main) +
                         "\n\n![accuracy per model and domain](figures/accuracy.png)"))
+    text, numbers["headline"] = headline(m, cfg.models["student"].model, k, groups)
+    if text:
+        out.append(_section("Headline", "Accuracy % [95% CI] on eval scenes, direct mode; \"above\" / \"below\" only when the "
+                            "intervals do not overlap.\n\n" + text))
     # thought vs direct
     tm = m[(m.get("mode") == "thought")] if len(m) else m
     if len(tm):
