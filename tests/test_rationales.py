@@ -88,12 +88,12 @@ def test_interrupted_run_resumes_with_nothing_lost(tmp_path, smollm):
     scenes = _scenes(5)
     first = Interrupting(smollm, after=2)
     with pytest.raises(KeyboardInterrupt):
-        generate_rationales(first, scenes, "teacher", out, n=2, sampling=sampling, batch_scenes=2, progress=False)
+        generate_rationales(first, scenes, "teacher", out, n=2, sampling=sampling, batch_scenes=2, progress=False, staged=False)
     done = read_jsonl(out)
     assert len(done) == 2 * 2 * 2                       # two finished batches of 2 scenes x 2 samples survived
     with open(out, "a") as f: f.write('{"scene_id": "s4", "sam')   # and a torn line from the crash
     second = Interrupting(smollm, after=99)
-    recs = generate_rationales(second, scenes, "teacher", out, n=2, sampling=sampling, batch_scenes=2, progress=False)
+    recs = generate_rationales(second, scenes, "teacher", out, n=2, sampling=sampling, batch_scenes=2, progress=False, staged=False)
     assert second.calls == 1 and second.scenes_seen == 1     # only the missing scene was generated
     assert sorted((r["scene_id"], r["sample"]) for r in recs) == [(f"s{i}", j) for i in range(5) for j in range(2)]
     assert recs[:len(done)] == done                          # finished records untouched
@@ -113,3 +113,34 @@ def test_real_rationale_generation_is_seeded(tmp_path, smollm):
     b = generate_rationales(smollm, _scenes(2), "student", tmp_path / "b.jsonl", n=2, sampling=s, progress=False)
     assert [r["text"] for r in a] == [r["text"] for r in b]
     assert len({r["text"] for r in a}) > 1                  # sampling, not greedy copies
+
+
+class FieldsInterrupting:
+    "A real backend whose structured generation raises KeyboardInterrupt on the call after `after` calls."
+    def __init__(self, llm, after):
+        self.llm, self.after, self.calls, self.name = llm, after, 0, llm.name
+        self.count_tokens, self.prompt = llm.count_tokens, llm.prompt
+
+    def generate_fields(self, prompts, *a, **kw):
+        if self.calls == self.after: raise KeyboardInterrupt("simulated interruption")
+        self.calls += 1
+        return self.llm.generate_fields(prompts, *a, **kw)
+
+
+def test_staged_rationales_have_every_stage_and_resume(tmp_path, smollm):
+    from usermirror_nb.llm import Sampling
+    from usermirror_nb.rationales import STAGE_NAMES
+    out = tmp_path / "student.jsonl"
+    s = Sampling(temperature=1.0, top_p=0.9, seed=2)
+    first = FieldsInterrupting(smollm, after=1)
+    with pytest.raises(KeyboardInterrupt):
+        generate_rationales(first, _scenes(4), "student", out, n=2, sampling=s, batch_scenes=2, progress=False, field_tokens=8)
+    assert len(read_jsonl(out)) == 4                         # the finished batch survived
+    recs = generate_rationales(FieldsInterrupting(smollm, after=99), _scenes(4), "student", out, n=2, sampling=s, batch_scenes=2,
+                               progress=False, field_tokens=8)
+    assert len(recs) == 8
+    for r in recs:
+        assert r["staged"] and [l.split(":")[0] for l in r["text"].splitlines()] == list(STAGE_NAMES)
+        assert all(r[st.lower()] for st in STAGE_NAMES)       # no field is empty (constrained decoding)
+        assert r["failure"] in ("", "echoed_prompt")          # a staged rationale needs no behaviour line
+        assert r["behavior"] == "" and not r["stated_hit"]

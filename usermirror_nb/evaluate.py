@@ -222,6 +222,8 @@ def load_model(name_or_path: str | Path,   # registry name ("smollm2-135m-instru
     "`(model, tokenizer, card)`: a base model, a base + peft adapter, or a full fine-tune; card = its usermirror.json (or {})."
     import torch
     from usermirror_nb.assets import load_causal_lm
+    from usermirror_nb.config import resolve_dtype
+    dtype = resolve_dtype(dtype, device)
     p = Path(str(name_or_path)).expanduser()
     is_ft = p.is_dir() and any((p / f).exists() for f in ("usermirror.json", "adapter_config.json"))
     if not is_ft:
@@ -260,10 +262,14 @@ class Simulator:
     def __init__(self, llm,                  # a `usermirror_nb.llm` backend (TransformersLLM for local models)
                  name: str,                  # the model's name in predictions ("smollm2-135m-instruct", "sft", ...)
                  card: dict | None = None,   # usermirror.json of a fine-tuned folder ({} for a base model)
-                 sampling=None):             # `llm.Sampling` for thought mode (None: temperature 1, top_p 0.9, 144 tokens)
+                 sampling=None,              # `llm.Sampling` for thought mode (None: temperature 1, top_p 0.9, 144 tokens)
+                 readout: str = "letter",    # how the choice is read (04a_readout): letter | letter_debiased | cloze | cloze_sum
+                 staged: bool = True, field_tokens: int = 32):  # thought mode writes its rationale as stage 04 does
         from usermirror_nb.llm import Sampling
+        from usermirror_nb.readout import check_readout
         from usermirror_nb.rationales import STOP_REGEX
-        self.llm, self.name, self.card = llm, name, card or {}
+        self.llm, self.name, self.card, self.readout = llm, name, card or {}, check_readout(readout)
+        self.staged, self.field_tokens = staged, field_tokens
         self.sampling = sampling or Sampling(temperature=1.0, top_p=0.9, max_new_tokens=144, stop_regex=STOP_REGEX)
 
     @classmethod
@@ -271,7 +277,8 @@ class Simulator:
              cache_dir=None,                   # assets cache root (None = default)
              llm_cfg: LLMConfig | None = None, # backend settings (template, dtype, device, batch_size); its `model` is replaced
              name: str | None = None,          # name in predictions (default: registry name or folder name)
-             sampling=None, merge: bool = True) -> "Simulator":
+             sampling=None, merge: bool = True,
+             readout: str | None = None) -> "Simulator":   # None = llm_cfg.readout (letter without a config)
         "Load a base model or a fine-tuned folder (peft adapter or full) into a `TransformersLLM`."
         import dataclasses
         from usermirror_nb.llm import TransformersLLM
@@ -285,7 +292,7 @@ class Simulator:
         tmpl = lc.template if llm_cfg is not None else _registry_template(base)
         llm = TransformersLLM(dataclasses.replace(lc, model=str(name_or_path), template=tmpl), cache_dir, model=m, tokenizer=tok)
         llm.load_seconds = time.time() - t0
-        return cls(llm, name or (card.get("name") or p.name if is_dir else str(name_or_path)), card, sampling)
+        return cls(llm, name or (card.get("name") or p.name if is_dir else str(name_or_path)), card, sampling, readout or lc.readout)
 
     # -- batched, for the evaluation stage -------------------------------------------------------------------
     def direct(self, scenes: pd.DataFrame, progress: bool = False) -> pd.DataFrame:
@@ -299,14 +306,14 @@ class Simulator:
         probs, mass = [None] * len(scenes), [None] * len(scenes)
         for s in tqdm(range(0, len(order), step), desc=f"{self.name} direct", disable=not progress, unit="chunk"):
             idx = order[s:s + step]
-            for i, r in zip(idx, direct_choice_probs(self.llm, scenes.iloc[idx])): probs[i], mass[i] = r.probs[0], r.letter_mass[0]
+            for i, r in zip(idx, direct_choice_probs(self.llm, scenes.iloc[idx], self.readout)): probs[i], mass[i] = r.probs[0], r.letter_mass[0]
         return _pred_rows(self.name, "direct", scenes, probs, mass, [""] * len(scenes))
 
     def thought(self, scenes: pd.DataFrame, seed: int = 0, batch_scenes: int | None = None, progress: bool = False) -> pd.DataFrame:
         "Contract-3 rows, thought mode: the simulator writes its EKB rationale, then scores the letters after it."
         import dataclasses
-        from usermirror_nb.rationales import ASSISTANT_PREFIX, parse_rationale, rationale_conversation
-        from usermirror_nb.uncertainty import rationale_continuation
+        from usermirror_nb.rationales import parse_rationale, rationale_conversation, write_rationales
+        from usermirror_nb.readout import choice_distributions
         if scenes.empty: return _pred_rows(self.name, "thought", scenes, [], [], [])
         recs = scenes.to_dict("records")
         bs = batch_scenes or getattr(self.llm, "batch_size", 8)
@@ -316,14 +323,11 @@ class Simulator:
             chunk = recs[s:s + bs]
             convs = [rationale_conversation(r["scene_text"], int(r["choice_cnt"])) for r in chunk]
             bseed = int(seed) + zlib.crc32(f"{self.name}/{chunk[0]['scene_id']}".encode()) % 100_000
-            outs = self.llm.generate(convs, n=1, sampling=dataclasses.replace(self.sampling, seed=bseed), assistant_prefix=ASSISTANT_PREFIX)
-            texts += [ASSISTANT_PREFIX + o[0] for o in outs]
-        bodies = [parse_rationale(t, int(r["choice_cnt"]))["body"] for t, r in zip(texts, recs)]
-        for k in sorted({int(r["choice_cnt"]) for r in recs}):    # score all scenes of one exposure size in one batched call
-            idx = [i for i, r in enumerate(recs) if int(r["choice_cnt"]) == k]
-            res = self.llm.choice_probs([rationale_conversation(recs[i]["scene_text"], k) for i in idx],
-                                        [[rationale_continuation(bodies[i])] for i in idx], k)
-            for i, r in zip(idx, res): probs[i], mass[i] = r.probs[0], r.letter_mass[0]
+            outs = write_rationales(self.llm, convs, 1, dataclasses.replace(self.sampling, seed=bseed), self.staged, self.field_tokens)
+            texts += [o[0][0] for o in outs]
+        bodies = [parse_rationale(t, int(r["choice_cnt"]), needs_behavior=not self.staged)["body"] for t, r in zip(texts, recs)]
+        readout = "cloze" if self.readout == "letter_debiased" else self.readout    # shifted lists do not fit a written rationale
+        for i, r in enumerate(choice_distributions(self.llm, recs, [[b] for b in bodies], readout)): probs[i], mass[i] = r.probs[0], r.letter_mass[0]
         return _pred_rows(self.name, "thought", scenes, probs, mass, texts)
 
     # -- one scene, for users of the library --------------------------------------------------------------------
@@ -338,8 +342,10 @@ class Simulator:
         if mode not in ("direct", "thought"): raise ValueError(f"mode must be 'direct' or 'thought', got {mode!r}")
         k = len(exposure)
         if not 2 <= k <= 26: raise ValueError(f"exposure must list 2 to 26 items, got {k}")
-        text = render_scene({"profile": profile, "history": list(history), "exposure_texts": list(exposure), "style": "plain"})
-        df = pd.DataFrame({"scene_id": ["scene"], "split": ["api"], "domain": [""], "choice_cnt": [k], "gt_pos": [0], "scene_text": [text]})
+        scene = {"profile": profile, "history": list(history), "exposure_texts": list(exposure), "exposure_evidence": None, "style": "plain"}
+        df = pd.DataFrame({"scene_id": ["scene"], "split": ["api"], "domain": [""], "choice_cnt": [k], "gt_pos": [0],
+                           "scene_text": [render_scene(scene)], "profile": [profile], "history": [list(history)],
+                           "exposure_texts": [list(exposure)], "exposure_evidence": [None], "style": ["plain"]})
         r = (self.direct(df) if mode == "direct" else self.thought(df, seed)).iloc[0]
         p = np.asarray(r["probs"]); L = letters(k)
         y = int(np.random.default_rng(seed).choice(k, p=p / p.sum()))
@@ -363,12 +369,17 @@ class SimSpec:
 def available_models(cfg: Config) -> list[SimSpec]:
     "The base student, the base teacher and every model in results/<p>/finetune/models.json (contract 2)."
     import dataclasses
+    from usermirror_nb.config import LM_MODEL
     st, te = cfg.models["student"], cfg.models["teacher"]
     specs = [SimSpec(st.model, st.model, "student", st)]
-    if te.model != st.model: specs.append(SimSpec(te.model, te.model, "teacher", te))
     mj = cfg.results_dir / "finetune" / "models.json"
-    if mj.exists():
-        entries = json.loads(mj.read_text()).get("models", [])
+    entries = json.loads(mj.read_text()).get("models", []) if mj.exists() else []
+    lm_dir = cfg.results_dir / "finetune" / LM_MODEL
+    if te.model == LM_MODEL:         # the domain-trained student as teacher: evaluated once, as "lm"
+        if not any(e.get("name") == LM_MODEL for e in entries) and (lm_dir / "usermirror.json").exists():
+            specs.append(SimSpec(LM_MODEL, str(lm_dir), "teacher", dataclasses.replace(te, model=str(lm_dir))))
+    elif te.model != st.model: specs.append(SimSpec(te.model, te.model, "teacher", te))
+    if entries:
         for i, e in enumerate(entries):
             if not e.get("name") or not e.get("path"): raise ValueError(f"{mj}: models[{i}] needs 'name' and 'path', got {sorted(e)}")
             folder = (mj.parent / e["path"]).resolve()
@@ -479,11 +490,14 @@ def _load_sim(spec: SimSpec, cfg: Config) -> Simulator:
     rc = cfg.rationales
     sampling = Sampling(temperature=rc.temperature, top_p=rc.top_p, max_new_tokens=cfg.evaluate.max_new_tokens, stop_regex=STOP_REGEX)
     if spec.role == "finetuned":
-        return Simulator.load(spec.source, cfg.assets.cache_path, spec.llm_cfg, name=spec.name, sampling=sampling)
-    t0 = time.time()
-    llm = make_llm(spec.llm_cfg, cfg.assets.cache_path)     # base models: any backend (transformers, openai, vllm)
-    llm.load_seconds = time.time() - t0
-    return Simulator(llm, spec.name, {}, sampling)
+        sim = Simulator.load(spec.source, cfg.assets.cache_path, spec.llm_cfg, name=spec.name, sampling=sampling)
+    else:
+        t0 = time.time()
+        llm = make_llm(spec.llm_cfg, cfg.assets.cache_path)     # base models: any backend (transformers, openai, vllm)
+        llm.load_seconds = time.time() - t0
+        sim = Simulator(llm, spec.name, {}, sampling, spec.llm_cfg.readout)
+    sim.staged, sim.field_tokens = rc.staged, rc.field_tokens   # thought mode writes its rationale as stage 04 does
+    return sim
 
 def _threads() -> int:
     import torch
@@ -503,25 +517,33 @@ def run_evaluate(cfg: Config, progress: bool = True) -> Path:
     thought_scenes = thought_subset(scenes["eval"], ecfg.thought_scenes, cfg.seed)
     gen = {"max_new_tokens": ecfg.max_new_tokens, "temperature": cfg.rationales.temperature, "top_p": cfg.rationales.top_p, "seed": cfg.seed}
     timings, frames = {}, []
+    extra_scenes = thought_subset(scenes["eval"], ecfg.readout_scenes, cfg.seed)
     for spec in plan["models"]:
-        work = {}
+        # readouts: the first names the model's plain rows (and is the one the hybrid and the thought mode use)
+        readouts = list(ecfg.readouts) or [spec.llm_cfg.readout]
+        if ecfg.readout_models and spec.name not in ecfg.readout_models: readouts = readouts[:1]
+        work = {}       # key -> (mode, readout, name in predictions, scenes)
         if "direct" in ecfg.modes:
-            work["direct"] = pd.concat([scenes["eval"]] + ([scenes["valid"]] if spec.name in plan["valid"] else []), ignore_index=True)
-        if spec.name in plan["thought"]: work["thought"] = thought_scenes
+            work["direct"] = ("direct", readouts[0], spec.name,
+                              pd.concat([scenes["eval"]] + ([scenes["valid"]] if spec.name in plan["valid"] else []), ignore_index=True))
+            for r in readouts[1:]: work[f"direct[{r}]"] = ("direct", r, f"{spec.name}[{r}]", extra_scenes)
+        if spec.name in plan["thought"]: work["thought"] = ("thought", readouts[0], spec.name, thought_scenes)
         todo, sim, tm = {}, None, {}
-        for mode, sc in work.items():
-            f = parts / f"{spec.name}__{mode}.parquet"
-            fp = _fingerprint(spec, mode, sc, gen if mode == "thought" else {})
+        for key, (mode, readout, pname, sc) in work.items():
+            f = parts / f"{spec.name}__{key}.parquet"
+            fp = _fingerprint(spec, mode, sc, {**(gen if mode == "thought" else {}), "readout": readout, "pname": pname,
+                                               **({"staged": cfg.rationales.staged, "field_tokens": cfg.rationales.field_tokens} if mode == "thought" else {})})
             got = _load_part(f, fp)
-            if got is not None: frames.append(got); tm[mode] = {**json.loads(f.with_suffix(".json").read_text()).get("timing", {}), "reused": True}
-            else: todo[mode] = (sc, f, fp)
+            if got is not None: frames.append(got); tm[key] = {**json.loads(f.with_suffix(".json").read_text()).get("timing", {}), "reused": True}
+            else: todo[key] = (mode, readout, pname, sc, f, fp)
         if todo:
             sim = _load_sim(spec, cfg)
             tm["load_seconds"] = round(float(getattr(sim.llm, "load_seconds", 0.0)), 2)
             try:
-                for mode, (sc, f, fp) in todo.items():
+                for key, (mode, readout, pname, sc, f, fp) in todo.items():
                     t1, c1 = time.time(), time.process_time()
-                    if progress: print(f"evaluate: {spec.name} / {mode}: {len(sc)} scenes", flush=True)
+                    if progress: print(f"evaluate: {pname} / {mode} ({readout}): {len(sc)} scenes", flush=True)
+                    sim.readout, sim.name = readout, pname
                     df = sim.direct(sc, progress) if mode == "direct" else sim.thought(sc, cfg.seed, progress=progress)
                     dt, dc = time.time() - t1, time.process_time() - c1
                     validate_predictions(df, f"{spec.name}/{mode}")
@@ -530,7 +552,7 @@ def run_evaluate(cfg: Config, progress: bool = True) -> Path:
                     timing = {"seconds": round(dt, 1), "cpu_seconds": round(dc, 1), "scenes": len(sc), "s_per_scene": round(dt / max(len(sc), 1), 3),
                               "cpu_s_per_scene": round(dc / max(len(sc), 1), 3), "threads": _threads()}
                     _save_part(df, f, {"fingerprint": fp, "model": spec.name, "mode": mode, "timing": timing})
-                    frames.append(df); tm[mode] = {**timing, "reused": False}
+                    frames.append(df); tm[key] = {**timing, "reused": False}
                     if progress: print(f"  {dt:.1f} s ({timing['s_per_scene']} s/scene)", flush=True)
             finally:
                 sim.close()

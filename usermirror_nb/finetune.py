@@ -16,16 +16,18 @@ from .config import (Config, FinetuneConfig, LLMConfig, get_device, load_config,
 from .rationales import SYSTEM_PROMPT, rationale_conversation
 from .scenes import LETTERS, letters, render_scene
 from .uncertainty import CUE
+from .readout import CLOZE_CUE
 
 # %% auto #0
 __all__ = ['SFT_COLUMNS', 'PREF_COLUMNS', 'CHATML_GENERATION_TEMPLATE', 'EPS_SOURCES', 'LINEAR_MODULES', 'STUDY_VARIANTS',
            'DatasetError', 'token_lengths', 'validate_sft', 'validate_pref', 'read_table', 'has_generation_markers',
            'renders_identically', 'load_tokenizer', 'training_tokenizer', 'letter_example', 'sft_dataset',
-           'rosepo_epsilon', 'rosepo_loss', 'trainer_classes', 'pref_dataset', 'compact_lm_head', 'qlora_memory_gb',
-           'num_layers', 'lora_config', 'cpu_trainable_4bit', 'load_student', 'sft_config', 'dpo_config',
-           'held_out_callback', 'stop_after', 'plot_training', 'train_sft', 'train_dpo', 'merge_adapter',
-           'load_finetuned', 'answer_only_rows', 'restyle', 'run_finetune', 'cache_hidden', 'cached_eval',
-           'train_cached', 'plot_study', 'run_recipe_study']
+           'readout_answer', 'answer_example', 'rosepo_epsilon', 'rosepo_loss', 'trainer_classes', 'pref_dataset',
+           'compact_lm_head', 'qlora_memory_gb', 'num_layers', 'lora_config', 'cpu_trainable_4bit', 'load_student',
+           'sft_config', 'dpo_config', 'held_out_callback', 'stop_after', 'plot_training', 'train_sft', 'train_dpo',
+           'merge_adapter', 'load_finetuned', 'lm_sequences', 'lm_blocks', 'lm_corpus', 'train_lm', 'ensure_lm',
+           'answer_only_rows', 'restyle', 'run_finetune', 'cache_hidden', 'cached_eval', 'train_cached', 'plot_study',
+           'run_recipe_study']
 
 # %% ../nbs/07_finetune.ipynb #2f771c43
 class DatasetError(ValueError):
@@ -213,13 +215,45 @@ def letter_example(tokenizer, messages: list) -> dict:
     labels[j] = ids[j]
     return {"input_ids": ids, "labels": labels}
 
-def sft_dataset(df: pd.DataFrame, tokenizer, loss_on: str = "assistant"):
-    "The `datasets.Dataset` trl trains on: conversations (`assistant`) or tokenized letter-only examples (`letter`)."
+def sft_dataset(df: pd.DataFrame, tokenizer, loss_on: str = "assistant", readout: str = "letter"):
+    "The `datasets.Dataset` trl trains on: conversations (`assistant`) or tokenized answer-only examples (`answer`/`letter`: the letter, or the item text for a cloze student)."
     from datasets import Dataset
     msgs = [_messages(m) for m in df["messages"]]
     if loss_on == "assistant": return Dataset.from_dict({"messages": msgs})
-    if loss_on == "letter": return Dataset.from_list([letter_example(tokenizer, m) for m in msgs])
-    raise ValueError(f"loss_on must be 'assistant' or 'letter', got {loss_on!r}")
+    if loss_on in ("answer", "letter"):
+        ex = letter_example if readout.startswith("letter") else answer_example
+        return Dataset.from_list([ex(tokenizer, m) for m in msgs])
+    raise ValueError(f"loss_on must be 'assistant', 'answer' or 'letter', got {loss_on!r}")
+
+# %% ../nbs/07_finetune.ipynb #3751a64d
+_OPTION_LINE = r"(?m)^\[{L}\] (.+)$"
+
+def readout_answer(content: str,        # an assistant turn ending with `Behavior: [X]`
+                   prompt_text: str,    # the user message of the same example (its exposure list names the items)
+                   readout: str = "letter",
+                   where: str = "example") -> str:
+    "The assistant turn in the readout's answer form: unchanged for the letter readouts, `Behavior: <item text>` for cloze."
+    if readout.startswith("letter"): return content
+    m = _BEHAVIOR_END.search(content)
+    if not m: raise DatasetError(f"{where}: the assistant turn must end with 'Behavior: [X]'; it ends ...{content[-40:]!r}")
+    item = re.search(_OPTION_LINE.format(L=re.escape(m.group(1).upper())), prompt_text)
+    if not item: raise DatasetError(f"{where}: the prompt's exposure list has no line '[{m.group(1)}] ...' to name the chosen item")
+    return content[:m.start()] + CLOZE_CUE + " " + item.group(1).strip()
+
+def answer_example(tokenizer, messages: list) -> dict:
+    "`input_ids` of the rendered conversation and `labels` that are -100 except on the answer after the last `Behavior:` (letter or item text)."
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    content = messages[-1]["content"]
+    start = text.rfind(content)
+    c = text.rfind(CLOZE_CUE, max(start, 0)) + len(CLOZE_CUE)
+    if start < 0 or c < len(CLOZE_CUE): raise DatasetError(f"no {CLOZE_CUE!r} in the assistant turn {content[-60:]!r}")
+    end = start + len(content)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = [t if (b > c and a < end) else -100 for t, (a, b) in zip(ids, enc["offset_mapping"])]
+    if all(l == -100 for l in labels): raise DatasetError(f"the answer after {CLOZE_CUE!r} in {content[-60:]!r} has no tokens")
+    return {"input_ids": ids, "labels": labels}
+
 
 # %% ../nbs/07_finetune.ipynb #88b665be
 EPS_SOURCES = ("chosen_prob", "chosen_entropy")
@@ -456,7 +490,8 @@ def dpo_config(fcfg: FinetuneConfig, output_dir, device: str = "cpu", seed: int 
 # %% ../nbs/07_finetune.ipynb #46a3126f
 def held_out_callback(scenes: pd.DataFrame,     # scenes with scene_text, choice_cnt, gt_pos
                       tokenizer,                # the base tokenizer (inference template)
-                      base_model: str, every: int, batch_size: int = 8):
+                      base_model: str, every: int, batch_size: int = 8,
+                      readout: str = "letter"):  # how the choice is read (04a_readout)
     "A TrainerCallback that logs held-out direct-mode accuracy every `every` steps into `state.log_history`."
     from transformers import TrainerCallback
     from usermirror_nb.llm import TransformersLLM
@@ -470,7 +505,7 @@ def held_out_callback(scenes: pd.DataFrame,     # scenes with scene_text, choice
             was = model.training
             try:
                 llm = TransformersLLM(LLMConfig(model=str(base_model), batch_size=batch_size), model=model, tokenizer=tokenizer)
-                cps = direct_choice_probs(llm, scenes)
+                cps = direct_choice_probs(llm, scenes, readout)
             finally: model.train(was)
             P = [c.probs[0] for c in cps]
             rec = {"step": int(state.global_step), "heldout_accuracy": float(np.mean([p[g] for p, g in zip(P, gt)])),
@@ -575,6 +610,7 @@ def train_sft(base_model: str,                 # the student (registry name, fol
               callbacks: list = (),            # more TrainerCallbacks
               source: str = "sft",             # where the data came from (error messages)
               compact_head: bool = True,       # CPU: score only labelled positions (False = trl's head, for benchmarks)
+              readout: str = "letter",         # the student's readout: a cloze student learns to write the item text
               **args_overrides,                # SFTConfig fields
              ) -> dict:
     "Train (or resume, or reuse) one SFT model with trl's SFTTrainer; returns its usermirror.json (or complete=False if stopped early)."
@@ -582,15 +618,17 @@ def train_sft(base_model: str,                 # the student (registry name, fol
     device = device or get_device()
     tok = load_tokenizer(base_model, cache_dir)
     df = validate_sft(_frame(train_ds), source, tok, fcfg.max_length)            # before any model is loaded
+    df["messages"] = [m[:-1] + [{"role": "assistant", "content": readout_answer(m[-1]["content"], m[-2]["content"], readout, _where(source, i, r, "messages"))}]
+                      for i, (m, r) in enumerate(zip(df["messages"], df.to_dict("records")))]
     info = {"name": name or out_dir.name, "base_model": str(base_model), "run": "sft", "strategy": None, "style": None,
-            "method": fcfg.method, "loss_on": fcfg.loss_on, "train_examples": len(df),
+            "method": fcfg.method, "loss_on": fcfg.loss_on, "readout": readout, "train_examples": len(df),
             "with_rationale": int(df["with_rationale"].astype(bool).sum()), "seed": seed, "device": device, **(meta or {})}
     spec = {"finetune": dataclasses.asdict(fcfg), "base_model": str(base_model), "seed": seed, "run": "sft", "overrides": args_overrides,
             "data": _fingerprint([m for m in df["messages"]]), "eval_every": eval_every}
     info["fingerprint"] = fp = _fingerprint(spec)
     if (done := _finished(out_dir, fp)) is not None: return done
     tt = training_tokenizer(tok) if fcfg.loss_on == "assistant" else tok    # letter labels come from the ids alone
-    ds = sft_dataset(df, tt, fcfg.loss_on)
+    ds = sft_dataset(df, tt, fcfg.loss_on, readout)
     args = sft_config(fcfg, out_dir / "checkpoints", device, seed, **args_overrides)
     lcfg = None if fcfg.method == "full" else lora_config(fcfg, num_layers(base_model, cache_dir) if fcfg.lora_layers else None)
     _prepare_folder(out_dir, {"fingerprint": fp, **spec, "name": info["name"], "device": device, "train_examples": len(df),
@@ -600,7 +638,7 @@ def train_sft(base_model: str,                 # the student (registry name, fol
     from trl import SFTTrainer
     model = load_student(base_model, fcfg.method, cache_dir, device)
     cbs = list(callbacks)
-    if eval_scenes is not None and eval_every > 0: cbs.append(held_out_callback(eval_scenes, tok, base_model, eval_every))
+    if eval_scenes is not None and eval_every > 0: cbs.append(held_out_callback(eval_scenes, tok, base_model, eval_every, readout=readout))
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tt, callbacks=cbs,
                          peft_config=lcfg)
     if compact_head and _on_cpu(device): compact_lm_head(_unwrap(trainer.model))
@@ -613,19 +651,24 @@ def train_dpo(base_model: str,
               smoothed: bool = False,          # RosePO: per-pair ε from `eps_source`
               eps_source: str = "chosen_prob",
               cache_dir=None, seed: int = 0, device: str | None = None, name: str | None = None, meta: dict | None = None,
-              callbacks: list = (), source: str = "pref", compact_head: bool = True, **args_overrides) -> dict:
+              callbacks: list = (), source: str = "pref", compact_head: bool = True,
+              readout: str = "letter",         # the student's readout: chosen/rejected end with the item text for cloze
+              **args_overrides) -> dict:
     "Train (or resume, or reuse) DPO / RosePO from the SFT model with trl's DPOTrainer; returns its usermirror.json."
     from trl import DPOTrainer
     out_dir, sft_dir = Path(out_dir), Path(sft_dir)
     device = device or get_device()
     tok = load_tokenizer(base_model, cache_dir)
     df = validate_pref(_frame(pref_ds), source, tok, fcfg.max_length)             # before any model is loaded
+    for f in ("chosen", "rejected"):
+        df[f] = [[{"role": "assistant", "content": readout_answer(c[0]["content"], p[-1]["content"], readout, _where(source, i, {"scene_id": s}, f))}]
+                 for i, (c, p, s) in enumerate(zip(df[f], df["prompt"], df["scene_id"]))]
     if not (sft_dir / "usermirror.json").exists(): raise FileNotFoundError(f"{sft_dir} is not a finished SFT model (no usermirror.json)")
     sft = json.loads((sft_dir / "usermirror.json").read_text())
     eps = rosepo_epsilon(df, fcfg.eps_min, fcfg.eps_max, eps_source) if smoothed else None
     run = "dpo_smoothed" if smoothed else "dpo"
     info = {"name": name or out_dir.name, "base_model": str(base_model), "run": run, "strategy": sft.get("strategy"),
-            "style": sft.get("style"), "method": fcfg.method, "train_examples": len(df), "seed": seed, "device": device,
+            "style": sft.get("style"), "method": fcfg.method, "readout": readout, "train_examples": len(df), "seed": seed, "device": device,
             "sft_model": sft_dir.name, "reference": "sft adapter (trl 'ref' copy)" if sft["kind"] == "adapter" else "frozen copy of the sft model",
             **({"eps_source": eps_source, "eps_mean": float(eps.mean()), "eps_min": float(eps.min()), "eps_max": float(eps.max())} if smoothed else {}),
             **(meta or {})}
@@ -683,6 +726,116 @@ def load_finetuned(model_dir: str | Path, cache_dir=None, device: str = "cpu", d
     model, _ = load_causal_lm(model_dir, cache_dir, dtype=getattr(torch, dtype), device=device)
     return model.eval(), load_tokenizer(um["base_model"], cache_dir)
 
+# %% ../nbs/07_finetune.ipynb #c91bec0e
+def lm_sequences(dom,                       # a prepared domain (scenes.prepare_domain)
+                 users: np.ndarray,         # (U,) bool: the users whose sequences are written (training users)
+                 positive_only: bool = True,
+                 line: str = "full",        # full: `- <item text> — <feedback>`; title: `- <item text up to its first " — ">` (a third of the tokens)
+                ) -> list[str]:
+    "One text per user with at least two kept interactions: a history header, then one line per interaction, oldest first."
+    from usermirror_nb.scenes import TEMPLATES
+    if line not in ("full", "title"): raise ValueError(f"line must be 'full' or 'title', got {line!r}")
+    fb = TEMPLATES[dom.source][2]
+    txt = (lambda p: f"- {dom.item_text[dom.items[p]]} — {fb(dom.feedback[p])}") if line == "full" else (lambda p: f"- {str(dom.item_text[dom.items[p]]).split(' — ')[0]}")
+    out = []
+    for u in np.flatnonzero(users):
+        idx = np.arange(dom.ptr[u], dom.ptr[u + 1])
+        if positive_only: idx = idx[dom.feedback[idx] >= dom.positive_min]
+        if len(idx) < 2: continue
+        out.append("## History (oldest first)\n" + "\n".join(txt(p) for p in idx))
+    return out
+
+def lm_blocks(texts: list[str], tokenizer, block_size: int, max_tokens: int = 0) -> tuple[list[list[int]], int]:
+    "Texts tokenized, joined with EOS and cut into full `block_size` blocks (the rest dropped); `max_tokens` > 0 keeps the first texts up to that many tokens. Returns (blocks, tokens kept)."
+    ids, eos = [], tokenizer.eos_token_id
+    for t in texts:
+        x = tokenizer(t, add_special_tokens=False)["input_ids"] + [eos]
+        if max_tokens and ids and len(ids) + len(x) > max_tokens: break
+        ids += x
+    n = len(ids) // block_size * block_size
+    return [ids[i:i + block_size] for i in range(0, n, block_size)], len(ids)
+
+
+# %% ../nbs/07_finetune.ipynb #84ba5516
+def lm_corpus(cfg: Config) -> dict:
+    "{domain: texts} of the training users' sequences (the scenes plan's users that are neither eval nor validation users)."
+    from usermirror_nb.assets import load_raw
+    from usermirror_nb.scenes import _rng, plan_scenes, prepare_domain
+    out = {}
+    for dcfg in cfg.domains:
+        raw_dir = cfg.results_dir / "assets" / "raw" / dcfg.name
+        if not raw_dir.exists(): raise FileNotFoundError(f"{raw_dir} does not exist: run the assets stage (01_assets) first")
+        raw = load_raw(raw_dir)
+        dom = prepare_domain(raw.users, raw.items, raw.interactions, dcfg, has_time=raw.meta.get("has_timestamps"))
+        plan = plan_scenes(dom, cfg.scenes, _rng(cfg.seed, dom.name, 0))     # the same draw as the scenes stage
+        out[dcfg.name] = lm_sequences(dom, ~(plan.is_eval_user | plan.is_valid_user), cfg.finetune.lm_positive_only, cfg.finetune.lm_line)
+    return out
+
+def train_lm(base_model: str,                  # the student (registry name, folder or HF id)
+             corpus: dict,                      # {domain: texts} (lm_corpus)
+             fcfg: FinetuneConfig, out_dir: str | Path, cache_dir=None, seed: int = 0,
+             device: str | None = None,
+             eval_scenes: pd.DataFrame | None = None,  # held-out (validation) scenes scored during training
+             eval_every: int = 0, readout: str = "cloze",
+             callbacks: list = (), **args_overrides) -> dict:     # more TrainerCallbacks; TrainingArguments fields
+    "Continued causal-LM training of every weight on the corpus with transformers' Trainer (resumable); returns its usermirror.json."
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+    out_dir = Path(out_dir); device = device or get_device()
+    tok = load_tokenizer(base_model, cache_dir)
+    blocks, tokens = [], {}
+    for d, texts in corpus.items():
+        cap = fcfg.lm_max_tokens.get(d, 0) if isinstance(fcfg.lm_max_tokens, dict) else fcfg.lm_max_tokens
+        b, n = lm_blocks(texts, tok, fcfg.lm_block_size, cap)
+        blocks += b; tokens[d] = {"users": len(texts), "tokens": n, "blocks": len(b)}
+    if not blocks: raise ValueError(f"train_lm: the corpus has no full block of {fcfg.lm_block_size} tokens ({tokens}); lower finetune.lm_block_size")
+    lm_keys = [f.name for f in dataclasses.fields(fcfg) if f.name.startswith("lm_")]
+    spec = {"lm": {k: getattr(fcfg, k) for k in lm_keys}, "base_model": str(base_model), "seed": seed, "run": "lm",
+            "overrides": args_overrides, "data": _fingerprint(blocks), "eval_every": eval_every}
+    info = {"name": out_dir.name, "base_model": str(base_model), "run": "lm", "method": "full", "corpus": tokens,
+            "train_blocks": len(blocks), "block_size": fcfg.lm_block_size, "seed": seed, "device": device}
+    info["fingerprint"] = fp = _fingerprint(spec)
+    if (done := _finished(out_dir, fp)) is not None: return done
+    gpu = not _on_cpu(device)
+    args = TrainingArguments(**{**dict(output_dir=str(out_dir / "checkpoints"), per_device_train_batch_size=fcfg.lm_batch_size,
+                                       learning_rate=fcfg.lm_lr, num_train_epochs=fcfg.lm_epochs, max_steps=fcfg.lm_max_steps,
+                                       warmup_steps=min(20, max(1, len(blocks) // (20 * fcfg.lm_batch_size))), bf16=gpu, use_cpu=not gpu,
+                                       seed=seed, data_seed=seed, logging_steps=5, save_strategy="steps", save_steps=fcfg.lm_save_steps,
+                                       save_total_limit=1, report_to=[], disable_tqdm=True, dataloader_num_workers=0,
+                                       include_num_input_tokens_seen=True), **args_overrides})
+    _prepare_folder(out_dir, {"fingerprint": fp, **spec, "name": info["name"], "device": device, "corpus": tokens,
+                              "training_args": args.to_dict(), "versions": package_versions()})
+    seed_everything(seed)
+    model = load_student(base_model, "full", cache_dir, device)
+    cbs = list(callbacks)
+    if eval_scenes is not None and eval_every > 0: cbs.append(held_out_callback(eval_scenes, tok, base_model, eval_every, readout=readout))
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": blocks}), processing_class=tok,
+                      data_collator=DataCollatorForLanguageModeling(tok, mlm=False), callbacks=cbs)
+    um = _train_and_save(trainer, out_dir, tok, info, fcfg, cache_dir)
+    if um.get("complete"):
+        seen = [h["num_input_tokens_seen"] for h in trainer.state.log_history if "num_input_tokens_seen" in h]
+        um["tokens_trained"] = int(seen[-1]) if seen else int(trainer.state.global_step * fcfg.lm_batch_size * fcfg.lm_block_size)
+        um["passes"] = round(um["tokens_trained"] / max(1, len(blocks) * fcfg.lm_block_size), 3)
+        write_json(out_dir / "usermirror.json", um)
+    return um
+
+def ensure_lm(cfg: Config) -> Path:
+    "The folder of the profile's domain-trained student (`finetune/lm`), trained (or resumed) now if it is not finished."
+    out = cfg.stage_dir("finetune") / "lm"
+    fcfg, cache = cfg.finetune, cfg.assets.cache_path
+    st = cfg.models["student"]
+    valid = cfg.results_dir / "scenes" / "valid.parquet"
+    ev = None
+    if fcfg.lm_eval_every and valid.exists():
+        from usermirror_nb.scenes import load_scenes
+        v = load_scenes(cfg, "valid").to_pandas()
+        ev = v.groupby("domain", sort=True).head(fcfg.lm_eval_scenes) if fcfg.lm_eval_scenes else v
+    um = train_lm(st.model, lm_corpus(cfg), fcfg, out, cache, cfg.seed, get_device(st.device), eval_scenes=ev,
+                  eval_every=fcfg.lm_eval_every if ev is not None else 0, readout=st.readout if st.readout.startswith("cloze") else "cloze")
+    if um.get("complete") is False: raise RuntimeError(f"finetune: lm stopped at step {um['steps']} of {um['max_steps']}; rerun to resume")
+    return out
+
+
 # %% ../nbs/07_finetune.ipynb #faf5684c
 def answer_only_rows(pool: pd.DataFrame | None, n: int, seed: int, exclude=()) -> pd.DataFrame:
     "`n` answer-only rows of the pool (0 none, -1 all), seeded, without scenes in `exclude`."
@@ -707,11 +860,17 @@ def _concat(*dfs) -> pd.DataFrame:
 
 # %% ../nbs/07_finetune.ipynb #343105fe
 def run_finetune(cfg: Config) -> Path:
-    "Stage 07: SFT (+ answer-only extras), DPO and RosePO from it, ablation and style SFTs; writes finetune/models.json."
+    "Stage 07: the lm run (domain training), SFT from it (+ answer-only extras), DPO and RosePO from SFT, ablation and style SFTs; writes finetune/models.json."
     t0 = time.time()
     fcfg, dist, out = cfg.finetune, cfg.results_dir / "distill", cfg.stage_dir("finetune")
     base, cache = cfg.models["student"].model, cfg.assets.cache_path
     device = get_device(cfg.models["student"].device)
+    readout = cfg.models["student"].readout
+    models = []
+    if "lm" in fcfg.runs:                      # every later run starts from the domain-trained student
+        lm_dir = ensure_lm(cfg)
+        models.append({**json.loads((lm_dir / "usermirror.json").read_text()), "path": "lm"})
+        base = str(lm_dir)
     main = read_table(dist / "uncertainty" / "sft.parquet")
     pool_path = dist / "answer_only_pool" / "sft.parquet"
     needs_pool = fcfg.answer_only_scenes != 0 or fcfg.style_comparison
@@ -742,14 +901,14 @@ def run_finetune(cfg: Config) -> Path:
         for style in ("plain", "evidence"):
             jobs.append(dict(name=f"sft_{style}", kind="sft", data=restyle(sub, scenes, style), source=f"{pool_path} ({style})",
                              meta={"strategy": "answer_only_pool", "style": style}))
-    models = []
     for j in jobs:
         print(f"finetune: {j['name']} ({len(j['data'])} examples)", flush=True)
         if j["kind"] == "sft":
-            um = train_sft(base, j["data"], fcfg, out / j["name"], cache, cfg.seed, device=device, name=j["name"], meta=j["meta"], source=j["source"])
+            um = train_sft(base, j["data"], fcfg, out / j["name"], cache, cfg.seed, device=device, name=j["name"], meta=j["meta"], source=j["source"],
+                           readout=readout)
         else:
             um = train_dpo(base, out / "sft", j["data"], fcfg, out / j["name"], smoothed=j["kind"] == "dpo_smoothed", cache_dir=cache,
-                           seed=cfg.seed, device=device, name=j["name"], source=j["source"])
+                           seed=cfg.seed, device=device, name=j["name"], source=j["source"], readout=readout)
         if um.get("complete") is False: raise RuntimeError(f"finetune: {j['name']} stopped at step {um['steps']} of {um['max_steps']}; rerun to resume")
         models.append({**um, "path": j["name"]})
     res = write_json(out / "models.json", {"models": models, "skipped": skipped, "config_hash": cfg.hash()})

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config, LLMConfig, get_device, record_stage, write_json
+from .config import LM_MODEL, SELF, Config, LLMConfig, get_device, record_stage, resolve_dtype, write_json
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'LETTERS', 'BEHAVIOR_CONTEXT', 'PLAIN_ANSWER', 'DEMO_CONTINUATIONS', 'LLMError', 'LLMAuthError',
            'LLMNotFoundError', 'LLMConnectionError', 'Sampling', 'ChoiceProbs', 'LLM', 'letter_token_ids',
-           'resolve_template', 'render_prompt', 'TransformersLLM', 'OpenAILLM', 'serve', 'VLLMLLM', 'make_llm',
-           'demo_conversations', 'run_llm']
+           'resolve_template', 'render_prompt', 'TransformersLLM', 'option_logprobs', 'generate_fields', 'OpenAILLM',
+           'serve', 'VLLMLLM', 'make_llm', 'demo_conversations', 'run_llm']
 
 # %% ../nbs/03_llm.ipynb #9a38a1ac
 LETTERS = string.ascii_uppercase
@@ -212,7 +212,7 @@ class TransformersLLM(LLM):
         if model is None:
             from usermirror_nb.assets import load_causal_lm
             self.device = get_device(cfg.device)
-            model, tokenizer = load_causal_lm(cfg.model, cache_dir, dtype=getattr(torch, cfg.dtype), device=self.device)
+            model, tokenizer = load_causal_lm(cfg.model, cache_dir, dtype=getattr(torch, resolve_dtype(cfg.dtype, self.device)), device=self.device)
         elif tokenizer is None: raise ValueError("TransformersLLM: a model was given without its tokenizer")
         else: self.device = str(next(model.parameters()).device)
         self.load_seconds = time.time() - t0
@@ -372,6 +372,141 @@ class TransformersLLM(LLM):
 
     def close(self):
         self.model = None
+
+# %% ../nbs/03_llm.ipynb #a86e4be6
+def option_logprobs(self,                        # a TransformersLLM (attached below as its method)
+                    prompts: list[str],          # exact texts the model sees (e.g. `llm.prompt(conv, "Behavior:")`)
+                    options: list[list[str]],    # options[i]: the continuations scored after prompts[i] (e.g. " Fargo (1996)")
+                   ) -> list[np.ndarray]:
+    "Per prompt a (k, 2) float64 array: [summed log-prob of each option's tokens as the continuation, its token count]."
+    import torch
+    if len(options) != len(prompts): raise ValueError(f"option_logprobs: {len(prompts)} prompts but {len(options)} option lists")
+    pids = [self.encode(p) for p in prompts]
+    oids = []
+    for i, (p, opts) in enumerate(zip(pids, options)):
+        if not p: raise ValueError(f"prompt {i} is empty")
+        if isinstance(opts, str) or not opts: raise ValueError(f"prompt {i}: options must be a non-empty list of strings, got {opts!r:.60}")
+        ids = [self.encode(o) if isinstance(o, str) else [] for o in opts]
+        bad = next((j for j, x in enumerate(ids) if not x), None)
+        if bad is not None: raise ValueError(f"prompt {i}, option {bad}: {opts[bad]!r} is not a non-empty string")
+        oids.append(ids)
+    out, pad = [None] * len(prompts), self.tok.pad_token_id
+    per = max(1, self.batch_size // max(map(len, oids)))
+    with torch.inference_mode():
+        for idx in _length_batches([len(p) for p in pids], per):
+            B, P = len(idx), max(len(pids[i]) for i in idx)
+            ids = torch.full((B, P), pad, dtype=torch.long); am = torch.zeros((B, P), dtype=torch.long)
+            for r, i in enumerate(idx): ids[r, P - len(pids[i]):] = torch.tensor(pids[i]); am[r, P - len(pids[i]):] = 1
+            ids, am = ids.to(self.device), am.to(self.device)
+            o = self.model(input_ids=ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1)
+            first = o.logits[:, -1].float().log_softmax(-1)                           # (B, V): the token after each prompt
+            reps = torch.tensor([len(oids[i]) for i in idx], device=self.device)
+            sel = torch.repeat_interleave(torch.arange(B, device=self.device), reps)
+            cache = o.past_key_values; cache.batch_select_indices(sel)                  # one copy of the prefix per option
+            conts = [c for i in idx for c in oids[i]]; L = max(map(len, conts))
+            cid = torch.full((len(conts), L), pad, dtype=torch.long); cm = torch.zeros((len(conts), L), dtype=torch.long)
+            for r, c in enumerate(conts): cid[r, :len(c)] = torch.tensor(c); cm[r, :len(c)] = 1
+            cid, cm = cid.to(self.device), cm.to(self.device)
+            tok_lp = first[sel].gather(1, cid[:, :1])                                   # (R, 1): the first option token
+            if L > 1:
+                lo = self.model(input_ids=cid[:, :-1], attention_mask=torch.cat([am[sel], cm[:, :-1]], 1),
+                                position_ids=am.sum(1)[sel][:, None] + torch.arange(L - 1, device=self.device),
+                                past_key_values=cache, use_cache=True).logits.float()
+                rest = lo.gather(-1, cid[:, 1:, None])[..., 0] - torch.logsumexp(lo, -1)
+                tok_lp = torch.cat([tok_lp, rest], 1)
+            s = (tok_lp * cm).sum(1).double().cpu().numpy(); n = cm.sum(1).cpu().numpy()
+            r0 = 0
+            for i in idx:
+                k = len(oids[i]); out[i] = np.stack([s[r0:r0 + k], n[r0:r0 + k]], 1).astype(np.float64); r0 += k
+    self.stats["scored"] += sum(map(len, oids))
+    return out
+
+TransformersLLM.option_logprobs = option_logprobs
+
+
+# %% ../nbs/03_llm.ipynb #32cc6a9b
+def _top_p_sample(logits, temperature: float, top_p: float, gen):
+    "One token per row from `logits` (R, V): greedy at temperature 0, else nucleus sampling with torch generator `gen`."
+    import torch
+    if temperature == 0: return logits.argmax(-1)
+    p = (logits.float() / temperature).softmax(-1)
+    sp, si = p.sort(-1, descending=True)
+    drop = sp.cumsum(-1) - sp > top_p                    # keep the smallest prefix whose mass reaches top_p (at least one token)
+    sp = sp.masked_fill(drop, 0.0)
+    return si.gather(-1, torch.multinomial(sp / sp.sum(-1, keepdim=True), 1, generator=gen))[:, 0]
+
+def generate_fields(self,                      # a TransformersLLM (attached below as its method)
+                    prompts: list[str],        # rendered prompts (e.g. `llm.prompt(conv, "Stimulus:")`), each ending where field 0's value starts
+                    n: int,                    # samples per prompt
+                    fields: list[str],         # text fed before field 1, 2, ... (field 0's name is already in the prompt), e.g. "\nKnowledge:"
+                    sampling: Sampling,        # temperature, top_p, seed (max_new_tokens and stop_regex are not used)
+                    field_tokens: int = 32,    # at most this many tokens per field
+                    no_copy: str = "",         # text whose word 4-grams a field may not reproduce (e.g. the instructions)
+                    ngram: int = 4,
+                   ) -> list[list[tuple[list[str], list[bool]]]]:
+    "Per prompt, n samples of (field values, cut flags): each field has at least one token and ends at a newline or EOS, or is cut at `field_tokens` tokens."
+    import torch
+    banned = {}                              # (n-1 token ids) -> next ids that would copy an n-gram of `no_copy`
+    for line in [l for l in no_copy.splitlines() if l.strip()]:
+        for variant in (line, " " + line, line.lower(), " " + line.lower()):
+            t = self.encode(variant)
+            for j in range(len(t) - ngram + 1): banned.setdefault(tuple(t[j:j + ngram - 1]), set()).add(t[j + ngram - 1])
+    if not isinstance(n, int) or n < 1: raise ValueError(f"n must be an int >= 1, got {n!r}")
+    field_ids = [self.encode(f) for f in fields]
+    out, pad = [], self.tok.pad_token_id
+    per = max(1, self.batch_size // n)
+    with torch.inference_mode():
+        for b0 in range(0, len(prompts), per):
+            ids_l = [self.encode(p) for p in prompts[b0:b0 + per]]
+            B, T = len(ids_l), max(map(len, ids_l))
+            ids = torch.full((B, T), pad, dtype=torch.long); am = torch.zeros((B, T), dtype=torch.long)
+            for r, p in enumerate(ids_l): ids[r, T - len(p):] = torch.tensor(p); am[r, T - len(p):] = 1
+            ids, am = ids.to(self.device), am.to(self.device)
+            o = self.model(input_ids=ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1)
+            if getattr(self, "_stop_ids", None) is None:     # tokens whose text holds a newline, and EOS, end a field
+                V, texts = o.logits.shape[-1], self.tok.batch_decode([[i] for i in range(len(self.tok))])
+                self._stop_ids = torch.tensor(["\n" in s for s in texts][:V] + [False] * max(0, V - len(texts)), device=self.device)
+                self._stop_ids[[e for e in self.eos_ids if e < V]] = True
+            stop_ids = self._stop_ids
+            sel = torch.arange(B, device=self.device).repeat_interleave(n)
+            cache, logits, mask = o.past_key_values, o.logits[:, -1][sel], am[sel]
+            cache.batch_select_indices(sel)
+            R = len(sel)
+            gen = torch.Generator(device=self.device).manual_seed(int(sampling.seed) + b0)
+            vals, cuts = [[[] for _ in range(R)] for _ in fields + [None]], [[True] * R for _ in fields + [None]]
+            def feed(tokens, real):           # tokens (R, L); real (R, L) 1 = attended
+                nonlocal mask
+                pos = mask.sum(1, keepdim=True) + real.cumsum(1) - 1
+                mask = torch.cat([mask, real], 1)
+                return self.model(input_ids=tokens, attention_mask=mask, position_ids=pos.clamp(min=0), past_key_values=cache,
+                                  use_cache=True, logits_to_keep=1).logits[:, -1]
+            for f in range(len(fields) + 1):
+                if f > 0:
+                    t = torch.tensor(field_ids[f - 1], device=self.device).expand(R, -1)
+                    logits = feed(t, torch.ones_like(t))
+                done = torch.zeros(R, dtype=torch.bool, device=self.device)
+                for step in range(field_tokens):
+                    logits = logits.clone()
+                    if step == 0: logits[:, stop_ids] = -float("inf")        # a field is never empty
+                    if banned:
+                        for r in range(R):
+                            ctx = tuple((field_ids[f - 1] if f else [] ) + vals[f][r])[-(ngram - 1):] if ngram > 1 else ()
+                            if len(ctx) == ngram - 1 and ctx in banned: logits[r, list(banned[ctx])] = -float("inf")
+                    nxt = _top_p_sample(logits, sampling.temperature, sampling.top_p, gen)
+                    stop = stop_ids[nxt] & ~done
+                    for r in torch.nonzero(stop).flatten().tolist(): cuts[f][r] = False
+                    done |= stop
+                    keep = ~done
+                    for r in torch.nonzero(keep).flatten().tolist(): vals[f][r].append(int(nxt[r]))
+                    if bool(done.all()): break
+                    logits = feed(torch.where(keep, nxt, torch.full_like(nxt, pad))[:, None], keep.long()[:, None])
+            for i in range(B):
+                out.append([([" ".join(self.tok.decode(vals[f][r]).split()) for f in range(len(fields) + 1)],
+                             [cuts[f][r] for f in range(len(fields) + 1)]) for r in range(i * n, (i + 1) * n)])
+    return out
+
+TransformersLLM.generate_fields = generate_fields
+
 
 # %% ../nbs/03_llm.ipynb #8ba0daed
 def _letters_from_top(top: list[tuple[str, float]], k: int, i: int, j: int) -> tuple[np.ndarray, float]:
@@ -737,7 +872,11 @@ def run_llm(cfg: Config, demo_tokens: int = 32) -> Path:
     try:
         for role, mcfg in cfg.models.items():
             key = json.dumps(asdict(mcfg), sort_keys=True)
-            rec = dict(role=role, backend=mcfg.backend, model=mcfg.model)
+            rec = dict(role=role, backend=mcfg.backend, model=mcfg.model, readout=mcfg.readout)
+            if mcfg.model in (LM_MODEL, SELF):    # resolved later: `lm` is trained by stage 04/07, `self` = each role's own model
+                rec["note"] = ("the domain-trained student (finetune/lm), trained on first use in stage 04 or 07" if mcfg.model == LM_MODEL
+                               else "each role's rationales are read by that role's own model (stage 05)")
+                roles[role] = rec; print(f"{role}: {mcfg.model} ({rec['note']})"); continue
             wkey = (mcfg.model, mcfg.device, mcfg.dtype)
             if key in built:                                   # identical settings: the same backend
                 llm, first = built[key]; rec["shared_with"] = first; rec["load_seconds"] = 0.0

@@ -11,13 +11,14 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .config import Config, atomic_path, load_config, record_stage, write_json
+from .config import LM_MODEL, Config, LLMConfig, atomic_path, load_config, record_stage, write_json
 from .scenes import LETTERS, letters, load_scenes
 
 # %% auto #0
 __all__ = ['SYSTEM_PROMPT', 'EKB_INSTRUCTIONS', 'ASSISTANT_PREFIX', 'STOP_REGEX', 'STAGE_NAMES', 'STYLES', 'FAILURE_KINDS',
            'ECHO_MARKERS', 'rationale_conversation', 'answer_forms', 'parse_rationale', 'read_jsonl', 'append_jsonl',
-           'reparse', 'generate_rationales', 'failure_counts', 'select_scenes', 'run_rationales', 'load_rationales']
+           'reparse', 'write_rationales', 'generate_rationales', 'failure_counts', 'select_scenes', 'role_config',
+           'run_rationales', 'load_rationales']
 
 # %% ../nbs/04_rationales.ipynb #8b20c687
 SYSTEM_PROMPT = ("You simulate a real user of a recommender system. You read who the user is, what they "
@@ -52,7 +53,9 @@ FAILURE_KINDS = ("empty", "echoed_prompt", "truncated", "no_behavior", "letter_o
 ECHO_MARKERS = ("what moves the user to choose right now", "what the user knows or notices about the options",
                 "how the user weighs the options", "written exactly as")   # phrases only the instructions contain
 
-def parse_rationale(text: str, k: int, truncated: bool = False) -> dict:
+def parse_rationale(text: str, k: int, truncated: bool = False,
+                    needs_behavior: bool = True,   # False for staged rationales: the readout, not the text, gives the behaviour
+                   ) -> dict:
     "Fields of one rationale (text *including* the `Stimulus:` prefix) and its failure kind ('' if none)."
     text = (text or "").strip()
     out = {"stimulus": "", "knowledge": "", "evaluation": "", "evaluation_style": "", "behavior": "",
@@ -69,8 +72,8 @@ def parse_rationale(text: str, k: int, truncated: bool = False) -> dict:
     out["evaluation_style"] = next((s for s in STYLES if s in ev), "")
     if m: out["behavior"] = (m.group(1) or m.group(2)).upper()
     if any(e in text.lower() for e in ECHO_MARKERS): out["failure"] = "echoed_prompt"
-    elif not m: out["failure"] = "truncated" if truncated else "no_behavior"
-    elif out["behavior"] not in LETTERS[:k]: out["failure"] = "letter_outside_exposure"
+    elif not m and needs_behavior: out["failure"] = "truncated" if truncated else "no_behavior"
+    elif m and out["behavior"] not in LETTERS[:k]: out["failure"] = "letter_outside_exposure"
     elif out["missing_stages"]: out["failure"] = "missing_stage"
     return out
 
@@ -107,11 +110,50 @@ def _is_truncated(llm, text: str, max_new_tokens: int) -> bool:
 def reparse(r: dict) -> dict:
     "A record with its parsed fields (re)computed from its stored text, so parser fixes apply without regenerating."
     tr = r.get("truncated", r.get("failure") == "truncated")
-    p = parse_rationale(r["text"], int(r["choice_cnt"]), truncated=bool(tr))
+    p = parse_rationale(r["text"], int(r["choice_cnt"]), truncated=bool(tr), needs_behavior=not r.get("staged", False))
     return {**r, **p, "truncated": bool(tr), "stated_hit": p["behavior"] == r["gt_letter"]}
 
+def _continue(llm, convs: list, prefixes: list[str], sampling) -> list[str]:
+    "One continuation per (conversation, assistant prefix) pair: batched rendered prompts where the backend takes them, else one call each."
+    if hasattr(llm, "generate_prompts") and hasattr(llm, "prompt"):
+        return [o[0] for o in llm.generate_prompts([llm.prompt(c, p) for c, p in zip(convs, prefixes)], 1, sampling)]
+    return [llm.generate([c], 1, dataclasses.replace(sampling, seed=sampling.seed + i), assistant_prefix=p)[0][0]
+            for i, (c, p) in enumerate(zip(convs, prefixes))]
+
+def _field(t: str) -> str:
+    "A generated field value: its first line, whitespace squeezed."
+    return " ".join(t.split("\n")[0].split())
+
+def write_rationales(llm, convs: list, n: int, sampling,
+                     staged: bool = True,        # generate Stimulus, Knowledge, Evaluation one bounded line each
+                     field_tokens: int = 32,     # staged: token budget of one field (a field that uses it all is cut there)
+                    ) -> list[list[tuple[str, bool]]]:
+    "For each conversation, n (rationale text including 'Stimulus:', truncated) pairs."
+    if not staged:
+        outs = llm.generate(convs, n=n, sampling=sampling, assistant_prefix=ASSISTANT_PREFIX)
+        return [[(ASSISTANT_PREFIX + t, _is_truncated(llm, t, sampling.max_new_tokens)) for t in o] for o in outs]
+    if hasattr(llm, "generate_fields"):     # local models: one prefill per scene, the fields decoded against its cache
+        # constrained decoding: a field never reproduces 4 consecutive tokens of the instructions (the 135M student copied them)
+        res = llm.generate_fields([llm.prompt(c, ASSISTANT_PREFIX) for c in convs], n, [f"\n{st}:" for st in STAGE_NAMES[1:]], sampling,
+                                  field_tokens, no_copy=EKB_INSTRUCTIONS.format(forms=""))
+        return [[("\n".join(f"{st}: {v}" for st, v in zip(STAGE_NAMES, vals)), any(cuts)) for vals, cuts in o] for o in res]
+    line = dataclasses.replace(sampling, max_new_tokens=field_tokens, stop_regex=r"\n")     # servers: one request per field
+    flat = [c for c in convs for _ in range(n)]
+    first = llm.generate(convs, n=n, sampling=line, assistant_prefix=ASSISTANT_PREFIX)
+    raw = [t for o in first for t in o]
+    texts = [f"{ASSISTANT_PREFIX} {_field(t)}" for t in raw]
+    cut = [_is_truncated(llm, t, field_tokens) and "\n" not in t for t in raw]
+    for f, st in enumerate(STAGE_NAMES[1:], 1):
+        pre = [f"{t}\n{st}:" for t in texts]
+        raw = _continue(llm, flat, pre, dataclasses.replace(line, seed=line.seed + 7919 * f))
+        texts = [f"{p} {_field(t)}" for p, t in zip(pre, raw)]
+        cut = [c or (_is_truncated(llm, t, field_tokens) and "\n" not in t) for c, t in zip(cut, raw)]
+    pairs = list(zip(texts, cut))
+    return [pairs[i * n:(i + 1) * n] for i in range(len(convs))]
+
 def generate_rationales(llm, scenes: list[dict], role: str, out_file: str | Path, n: int, sampling,
-                        batch_scenes: int = 4, seed: int = 0, progress: bool = True) -> list[dict]:
+                        batch_scenes: int = 4, seed: int = 0, progress: bool = True,
+                        staged: bool = True, field_tokens: int = 32) -> list[dict]:
     "Append the missing (scene, role, sample) rationales for `scenes` to `out_file`; return all records."
     done = {(r["scene_id"], r["sample"]) for r in read_jsonl(out_file)}
     todo = [s for s in scenes if any((s["scene_id"], j) not in done for j in range(n))]
@@ -120,17 +162,15 @@ def generate_rationales(llm, scenes: list[dict], role: str, out_file: str | Path
         convs = [rationale_conversation(s["scene_text"], s["choice_cnt"]) for s in batch]
         bseed = seed + zlib.crc32(f"{role}/{batch[0]['scene_id']}".encode()) % 100_000
         t0 = time.time()
-        outs = llm.generate(convs, n=n, sampling=dataclasses.replace(sampling, seed=bseed),
-                            assistant_prefix=ASSISTANT_PREFIX)
+        outs = write_rationales(llm, convs, n, dataclasses.replace(sampling, seed=bseed), staged, field_tokens)
         dt = (time.time() - t0) / max(1, len(batch) * n)
         recs = []
         for s, texts in zip(batch, outs):
-            for j, t in enumerate(texts):
+            for j, (full, cut) in enumerate(texts):
                 if (s["scene_id"], j) in done: continue
-                full = ASSISTANT_PREFIX + t
                 recs.append(reparse({"scene_id": s["scene_id"], "domain": s["domain"], "role": role, "model": llm.name, "sample": j,
                                      "text": full, "gt_letter": s["gt_letter"], "choice_cnt": s["choice_cnt"], "seconds": round(dt, 3),
-                                     "truncated": _is_truncated(llm, t, sampling.max_new_tokens)}))
+                                     "truncated": bool(cut), "staged": bool(staged)}))
         append_jsonl(out_file, recs)
     return read_jsonl(out_file)
 
@@ -158,6 +198,13 @@ def select_scenes(cfg: Config) -> list[dict]:
         parts.append(g if not n or n >= len(g) else g.sample(n=n, random_state=cfg.seed))
     return pd.concat(parts).sort_values("scene_id").to_dict("records")
 
+def role_config(cfg: Config, role: str) -> LLMConfig:
+    "The LLMConfig of `role` with `model: lm` resolved to the domain-trained student's folder (trained now if it is not there yet)."
+    mcfg = cfg.models[role]
+    if mcfg.model != LM_MODEL: return mcfg
+    from usermirror_nb.finetune import ensure_lm
+    return dataclasses.replace(mcfg, model=str(ensure_lm(cfg)))
+
 def run_rationales(cfg: Config) -> Path:
     "Stage 04: teacher and student rationales for the selected training scenes (resumable)."
     from usermirror_nb.llm import Sampling, make_llm
@@ -168,11 +215,12 @@ def run_rationales(cfg: Config) -> Path:
     sampling = Sampling(temperature=rc.temperature, top_p=rc.top_p, max_new_tokens=rc.max_new_tokens, seed=cfg.seed, stop_regex=STOP_REGEX)
     timing = {}
     for role in ("teacher", "student"):
-        llm = make_llm(cfg.models[role], cfg.assets.cache_path)
         t1 = time.time()
+        llm = make_llm(role_config(cfg, role), cfg.assets.cache_path)
         try:
             before = len(read_jsonl(out / "parts" / f"{role}.jsonl"))
-            recs = generate_rationales(llm, scenes, role, out / "parts" / f"{role}.jsonl", rc.n, sampling, rc.batch_scenes, cfg.seed)
+            recs = generate_rationales(llm, scenes, role, out / "parts" / f"{role}.jsonl", rc.n, sampling, rc.batch_scenes, cfg.seed,
+                                       staged=rc.staged, field_tokens=rc.field_tokens)
         finally:
             llm.close()
         made = len(recs) - before

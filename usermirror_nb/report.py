@@ -66,6 +66,7 @@ def model_kind(name: str, trained: set) -> str:
     "base LLM, fine-tuned LLM, classic/AAAI baseline, or hybrid."
     if name == "hybrid": return "hybrid"
     if name in BASELINE_NAMES: return "baseline"
+    if name.endswith("]") and "[" in name: return "other readout"     # `<model>[<readout>]`: the same model read another way (08_evaluate)
     return "fine-tuned" if name in trained else "base LLM"
 
 def all_metrics(art: dict) -> pd.DataFrame:
@@ -77,7 +78,7 @@ def all_metrics(art: dict) -> pd.DataFrame:
     m["kind"] = [model_kind(n, trained) for n in m["model"]]
     return m
 
-_KIND_ORDER = {"base LLM": 0, "fine-tuned": 1, "hybrid": 2, "baseline": 3}
+_KIND_ORDER = {"base LLM": 0, "fine-tuned": 1, "hybrid": 2, "baseline": 3, "other readout": 4}
 
 def metric_table(m: pd.DataFrame, split: str = "eval", mode: str = "direct", models: list | None = None,
                  groups: tuple = ("all",), extra_cols: bool = True) -> pd.DataFrame:

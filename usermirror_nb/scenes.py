@@ -155,6 +155,7 @@ class ScenePlan:
     bucket: np.ndarray   # (S,) time bucket
     edges: np.ndarray    # (B,) bucket start times (statistics use interactions strictly before)
     is_eval_user: np.ndarray  # (U,) bool
+    is_valid_user: np.ndarray | None = None  # (U,) bool; training users are neither (07_finetune's `lm` corpus reads them)
 
 def _targets(dom: Domain, users: np.ndarray, n: int, per_user: int, min_history: int, rng) -> tuple[np.ndarray, np.ndarray]:
     "Up to `per_user` eligible targets from each user of `users` (already shuffled) until `n` are found."
@@ -190,7 +191,8 @@ def plan_scenes(dom: Domain, scfg: ScenesConfig, rng: np.random.Generator) -> Sc
         bucket = np.searchsorted(edges, t, side="right") - 1
     else:
         edges, bucket = np.array([np.inf]), np.zeros(len(pos), dtype=np.int64)
-    return ScenePlan(user, pos, split, bucket.astype(np.int64), edges, is_eval)
+    is_valid = np.zeros(dom.n_users, bool); is_valid[valid_users] = True
+    return ScenePlan(user, pos, split, bucket.astype(np.int64), edges, is_eval, is_valid)
 
 # %% ../nbs/02_scenes.ipynb #09fbe56b
 @dataclass

@@ -4,15 +4,15 @@
 
 # %% ../nbs/05_uncertainty.ipynb #7d243d7f
 from __future__ import annotations
-import json, time
+import dataclasses, json, time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .config import Config, atomic_path, load_config, record_stage, write_json
-from .rationales import load_rationales, rationale_conversation
+from .config import SELF, Config, atomic_path, load_config, record_stage, write_json
+from .rationales import load_rationales, rationale_conversation, role_config
 from .scenes import LETTERS, letters, load_scenes
 
 # %% auto #0
@@ -47,32 +47,31 @@ def rationale_continuation(body: str) -> str:
     "Assistant-turn text the predictor scores: the rationale body, then the behaviour cue."
     return (body.rstrip() + "\n" + CUE) if body.strip() else CUE
 
-def score_rationales(llm, scenes: pd.DataFrame, rationales: pd.DataFrame, progress: bool = True) -> pd.DataFrame:
-    "One row per scored rationale: probs over the k letters, letter mass, entropy. Rationales with an empty body are skipped (they stay counted in stage 04)."
+def score_rationales(llm, scenes: pd.DataFrame, rationales: pd.DataFrame, progress: bool = True,
+                     readout: str = "letter",   # how the behaviour is read after each rationale (04a_readout)
+                     chunk: int = 8,            # scenes per backend call (cloze prompts are batched across them)
+                    ) -> pd.DataFrame:
+    "One row per scored rationale: probs over the k items, letter mass (NaN for cloze), entropy. Rationales with an empty body are skipped (they stay counted in stage 04)."
+    from usermirror_nb.readout import choice_distributions
     by_scene = {sid: g for sid, g in rationales[rationales["body"].str.strip() != ""].groupby("scene_id", sort=True)}
-    scenes = scenes[scenes["scene_id"].isin(by_scene)].sort_values("scene_id")
+    recs = scenes[scenes["scene_id"].isin(by_scene)].sort_values("scene_id").to_dict("records")
     rows = []
-    for s in tqdm(scenes.to_dict("records"), desc="scoring rationales", disable=not progress):
-        g = by_scene[s["scene_id"]]
-        k = int(s["choice_cnt"])
-        cp = llm.choice_probs([rationale_conversation(s["scene_text"], k)], [[rationale_continuation(b) for b in g["body"]]], k)[0]
-        for (_, r), p, m in zip(g.iterrows(), cp.probs, cp.letter_mass):
-            rows.append({"scene_id": s["scene_id"], "domain": s["domain"], "role": r["role"], "sample": int(r["sample"]),
-                         "gt_pos": int(s["gt_pos"]), "choice_cnt": k, "probs": [float(x) for x in p],
-                         "letter_mass": float(m), "entropy": float(entropy_bits(p)), "stated": r["behavior"],
-                         "failure": r["failure"]})
+    for c0 in tqdm(range(0, len(recs), chunk), desc=f"scoring rationales ({readout})", disable=not progress):
+        part = recs[c0:c0 + chunk]
+        cps = choice_distributions(llm, part, [list(by_scene[s["scene_id"]]["body"]) for s in part], readout)
+        for s, cp in zip(part, cps):
+            g, k = by_scene[s["scene_id"]], int(s["choice_cnt"])
+            for (_, r), p, m in zip(g.iterrows(), cp.probs, cp.letter_mass):
+                rows.append({"scene_id": s["scene_id"], "domain": s["domain"], "role": r["role"], "sample": int(r["sample"]),
+                             "gt_pos": int(s["gt_pos"]), "choice_cnt": k, "probs": [float(x) for x in p],
+                             "letter_mass": float(m), "entropy": float(entropy_bits(p)), "stated": r["behavior"],
+                             "failure": r["failure"]})
     return pd.DataFrame(rows)
 
-def direct_choice_probs(llm, scenes: pd.DataFrame) -> list:
-    "Direct mode: the simulator's letter distribution with no rationale (assistant turn = `Behavior: [`)."
-    convs = [rationale_conversation(t, int(k)) for t, k in zip(scenes["scene_text"], scenes["choice_cnt"])]
-    ks = scenes["choice_cnt"].astype(int).tolist()
-    out = []
-    for k in sorted(set(ks)):   # one call per exposure size
-        idx = [i for i, kk in enumerate(ks) if kk == k]
-        res = llm.choice_probs([convs[i] for i in idx], [[CUE]] * len(idx), k)
-        out += list(zip(idx, res))
-    return [r for _, r in sorted(out, key=lambda t: t[0])]
+def direct_choice_probs(llm, scenes: pd.DataFrame, readout: str = "letter") -> list:
+    "Direct mode: the simulator's choice distribution with no rationale (assistant turn = `Behavior: [` for letters, `Behavior:` + item text for cloze)."
+    from usermirror_nb.readout import choice_distributions
+    return choice_distributions(llm, scenes.to_dict("records"), None, readout)
 
 # %% ../nbs/05_uncertainty.ipynb #94dbff83
 def scene_metrics(scored: pd.DataFrame) -> pd.DataFrame:
@@ -125,19 +124,27 @@ def run_uncertainty(cfg: Config) -> Path:
     out = cfg.stage_dir("uncertainty")
     rats = load_rationales(cfg)
     scenes = load_scenes(cfg, "train").to_pandas()
-    llm = make_llm(cfg.models["predictor"], cfg.assets.cache_path)
-    try:
-        t1 = time.time()
-        scored = score_rationales(llm, scenes, rats)
-        t_score = time.time() - t1
-    finally:
-        llm.close()
+    pc = cfg.models["predictor"]
+    # predictor `self`: each role's rationales are read by that role's own model (its readout settings from `predictor`)
+    jobs = ([(role, dataclasses.replace(role_config(cfg, role), readout=pc.readout, batch_size=pc.batch_size), rats[rats["role"] == role])
+             for role in ("teacher", "student")] if pc.model == SELF else [("all", pc, rats)])
+    parts, t_score = [], 0.0
+    for who, mcfg, rs in jobs:
+        llm = make_llm(mcfg, cfg.assets.cache_path)
+        try:
+            t1 = time.time()
+            parts.append(score_rationales(llm, scenes, rs, readout=pc.readout))
+            t_score += time.time() - t1
+        finally:
+            llm.close()
+    scored = pd.concat(parts, ignore_index=True)
     metrics = scene_metrics(scored)
     with atomic_path(out / "choice_probs.parquet") as t: Dataset.from_pandas(scored, preserve_index=False).to_parquet(str(t))
     with atomic_path(out / "scenes.parquet") as t: Dataset.from_pandas(metrics, preserve_index=False).to_parquet(str(t))
     plot_uncertainty(metrics, out / "uncertainty_hist.png")
     num = metrics.select_dtypes("number")
-    summary = {"scenes": len(metrics), "rationales_scored": len(scored),
+    summary = {"scenes": len(metrics), "rationales_scored": len(scored), "readout": pc.readout,
+               "predictor": "each role's own model" if pc.model == SELF else pc.model,
                "rationales_skipped_empty": int((rats["body"].str.strip() == "").sum()),
                "scoring_seconds": round(t_score, 1), "rationales_per_second": round(len(scored) / max(t_score, 1e-9), 2),
                "mean": {c: float(num[c].mean()) for c in num.columns if c not in ("gt_pos", "choice_cnt")},
