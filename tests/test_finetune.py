@@ -417,7 +417,7 @@ def test_run_finetune_on_tiny_distill_outputs(scenes, tmp_path, monkeypatch):
                             "domains": [{"name": "movielens", "source": "ml-100k", "positive_min": 4}],
                             "distill": {"strategies": ["uncertainty", "random", "teacher_acc_high"]},
                             "finetune": {"batch_size": 2, "sft_max_steps": 1, "answer_only_scenes": 2, "lora_r": 4, "lora_alpha": 8,
-                                         "max_length": 512, "ablation": True}})
+                                         "max_length": 512, "ablation": True, "runs": ["sft", "dpo", "dpo_smoothed"]}})
     tr = scenes[scenes.split == "train"]
     d = cfg.results_dir / "distill"
     for sub, df in (("uncertainty", sft_rows(tr.head(3))), ("answer_only_pool", sft_rows(tr)), ("random", sft_rows(tr.tail(2)))):

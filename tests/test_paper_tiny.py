@@ -55,7 +55,7 @@ def test_report_numbers_match_the_artifacts(tiny):
     text = (out / "REPORT.md").read_text()
     main = rep["main"]
     models = {r["model"] for r in main}
-    want = {"smollm2-135m-instruct", "sft", "dpo", "dpo_smoothed", "random", "popularity", "item_knn", "sasrec", "aaai2025", "hybrid"}
+    want = {"smollm2-135m-instruct", "smollm2-135m-instruct[letter]", "lm", "sft", "dpo", "dpo_smoothed", "random", "popularity", "item_knn", "sasrec", "aaai2025", "hybrid"}
     assert want <= models, want - models
     for r in main:
         x = m[(m.model == r["model"]) & (m.split == "eval") & (m["mode"] == "direct") & (m.group == "all")].iloc[0]
