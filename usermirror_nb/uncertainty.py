@@ -44,8 +44,9 @@ def uncertainty(P: np.ndarray) -> dict:
 CUE = "Behavior: ["
 
 def rationale_continuation(body: str) -> str:
-    "Assistant-turn text the predictor scores: the rationale body, then the behaviour cue."
-    return (body.rstrip() + "\n" + CUE) if body.strip() else CUE
+    "Assistant-turn text the letter readout scores: the rationale body, then the behaviour cue (04a_readout's `assistant_text`)."
+    from usermirror_nb.readout import assistant_text
+    return assistant_text(body, "letter")
 
 def score_rationales(llm, scenes: pd.DataFrame, rationales: pd.DataFrame, progress: bool = True,
                      readout: str = "letter",   # how the behaviour is read after each rationale (04a_readout)
