@@ -129,3 +129,24 @@ def test_environment_yml_installs_torch_first_with_the_settings_pin():
     assert pip[0] == next(r for r in reqs if r.startswith("torch==")) == "torch==2.13.0"
     assert pip[-1] == "-e .[dev]"
     assert "console_scripts = usermirror-paper=usermirror_nb.paper:main" in (ROOT / "settings.ini").read_text()
+
+
+def test_the_paper_runs_export_cells_and_the_stage_not_the_demos(env):
+    "paper_notebook: demo cells (neither exported nor after `parameters`) are dropped unless --demos; export cells run."
+    prof, nbs, out = env
+    params = nbformat.v4.new_code_cell('profile = "quick"\noverrides = ""'); params.metadata["tags"] = ["parameters"]
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("#| export\ndef stage_value(): return 7"),
+        nbformat.v4.new_code_cell("raise RuntimeError('a demo ran')"),           # a demo: the paper must not run it
+        params,
+        nbformat.v4.new_code_cell("#| eval: false\n" + HEAD + "p = cfg.stage_dir('config') / 'x.json'\n"
+                                  "p.write_text(str(stage_value()))\nrecord_stage(cfg, 'config', 'done', p, 0.0)")])
+    nb.metadata = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}}
+    nbformat.write(nb, nbs / "00_config.ipynb")
+    s = run_paper(prof, "", stages="config", nbs_dir=nbs)
+    assert s["ran"] == ["config"] and (out / "config" / "x.json").read_text() == "7"
+    ran = nbformat.read(out / "notebooks" / "00_config.ipynb", as_version=4)
+    assert not any("a demo ran" in c.source for c in ran.cells)
+    s = run_paper(prof, "", stages="config", nbs_dir=nbs, demos=True)
+    assert s["failed"] == ["config"] and "RuntimeError: a demo ran" in s["stages"][0]["note"]
+    assert main(["--profile", str(prof), "--stages", "config", "--nbs-dir", str(nbs), "--demos"]) == 1

@@ -41,7 +41,8 @@ def test_report_sections_and_figures(tiny):
     _, cfg, out = tiny
     text = (out / "REPORT.md").read_text()
     for title in ("How to read this report", "Main table", "Headline", "SFT, DPO and RosePO-smoothed DPO", "Distillation ablation",
-                  "Hybrid simulator", "Task difficulty", "Position bias", "What the models learned from",
+                  "Hybrid simulator", "Task difficulty", "Position bias", "Readouts: the same model read as letters or as item texts",
+                  "What the models learned from", "Rationales: parsed, and teacher vs student",
                   "Wall time per stage", "Provenance"):
         assert f"## {title}" in text, title
     for link in re.findall(r"\]\((figures/[^)]+)\)", text):
@@ -67,4 +68,8 @@ def test_report_numbers_match_the_artifacts(tiny):
     hl = {r["group"]: r for r in rep["headline"]}["all"]
     bl = m[(m.split == "eval") & (m["mode"] == "direct") & (m.group == "all") & m.model.isin(["popularity", "item_knn", "sasrec", "aaai2025"])]
     assert hl["baseline"] in set(bl.loc[bl.accuracy == bl.accuracy.max(), "model"]) and hl["base"] == "smollm2-135m-instruct"
-    assert len(hl["verdicts"]) == 3 and f"**all**: base student `smollm2-135m-instruct`" in text
+    assert len(hl["verdicts"]) == 5 and f"**all**: base student `smollm2-135m-instruct`" in text
+    assert hl["llm_only"] in {"smollm2-135m-instruct", "lm", "sft", "dpo", "dpo_smoothed"} and "popularity's" in hl["verdicts"][3]
+    # teacher vs student: both roles and their paired difference, from stage 05's choice_probs
+    assert set(rep["teacher_vs_student"]) == {"teacher", "student", "teacher - student"}
+    assert [r["role"] for r in rep["rationales"]] == ["student", "teacher"] and all(r["written"] == 8 for r in rep["rationales"])

@@ -108,3 +108,24 @@ def test_lm_corpus_holds_training_users_only(ml_raw, dom, tmp_path):
         idx = np.arange(dom.ptr[u], dom.ptr[u + 1]); idx = idx[dom.feedback[idx] >= 4]
         held_texts.add("\n".join(f"- {dom.item_text[dom.items[p]]} — {fb(dom.feedback[p])}" for p in idx))
     assert not (held_texts & set(got))
+
+
+def test_shared_system_turn_is_encoded_once_and_changes_no_result(llm, scenes):
+    "prefill (03_llm): the prompts' common prefix (the system turn with the EKB instructions) is encoded once per batch."
+    from usermirror_nb.llm import Sampling
+    from usermirror_nb.rationales import ASSISTANT_PREFIX, rationale_conversation
+    recs = scenes.head(3).to_dict("records")
+    prompts = [llm.prompt(rationale_conversation(s["scene_text"], 5), ASSISTANT_PREFIX) for s in recs]
+    ids = [llm.encode(p) for p in prompts]
+    before = llm.stats.get("shared_prefix_tokens", 0)
+    with torch.inference_mode():
+        last, _, am = llm.prefill(ids)
+        alone = [llm.model(input_ids=torch.tensor([p])).logits[0, -1] for p in ids]
+    shared = llm.stats["shared_prefix_tokens"] - before
+    assert shared >= 2 * 150, shared                      # the ~225-token system turn, saved for 2 of the 3 prompts
+    assert am.sum(1).tolist() == [len(p) for p in ids]
+    for a, b in zip(last, alone):
+        np.testing.assert_allclose(a.float().log_softmax(-1).numpy(), b.float().log_softmax(-1).numpy(), atol=2e-3)
+    greedy = Sampling(temperature=0)
+    batch = llm.generate_fields(prompts, 1, ["\nKnowledge:"], greedy, field_tokens=6)
+    assert batch == [llm.generate_fields([p], 1, ["\nKnowledge:"], greedy, field_tokens=6)[0] for p in prompts]

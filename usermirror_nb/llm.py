@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'LETTERS', 'BEHAVIOR_CONTEXT', 'PLAIN_ANSWER', 'DEMO_CONTINUATIONS', 'LLMError', 'LLMAuthError',
            'LLMNotFoundError', 'LLMConnectionError', 'Sampling', 'ChoiceProbs', 'LLM', 'letter_token_ids',
-           'resolve_template', 'render_prompt', 'TransformersLLM', 'option_logprobs', 'generate_fields', 'OpenAILLM',
-           'serve', 'VLLMLLM', 'make_llm', 'demo_conversations', 'run_llm']
+           'resolve_template', 'render_prompt', 'TransformersLLM', 'prefill', 'option_logprobs', 'generate_fields',
+           'OpenAILLM', 'serve', 'VLLMLLM', 'make_llm', 'demo_conversations', 'run_llm']
 
 # %% ../nbs/03_llm.ipynb #9a38a1ac
 LETTERS = string.ascii_uppercase
@@ -373,6 +373,38 @@ class TransformersLLM(LLM):
     def close(self):
         self.model = None
 
+# %% ../nbs/03_llm.ipynb #37b52a75
+def _shared_prefix_len(seqs: list[list[int]]) -> int:
+    "Length of the longest token prefix every sequence starts with."
+    if not seqs: return 0
+    first, n = seqs[0], min(map(len, seqs))
+    for j in range(n):
+        if any(s[j] != first[j] for s in seqs[1:]): return j
+    return n
+
+def prefill(self,                   # a TransformersLLM (attached below as its method)
+            ids_l: list[list[int]], # token ids of each prompt (non-empty)
+            min_shared: int = 16,   # encode a common prefix separately only when it is at least this long
+           ):
+    "Encode a batch of prompts: (logits after each prompt's last token (B, V), KV cache, attention mask (B, T)); a shared prefix is encoded once."
+    import torch
+    B, pad = len(ids_l), self.tok.pad_token_id
+    c = min(_shared_prefix_len(ids_l), min(map(len, ids_l)) - 1) if B > 1 else 0
+    if c < min_shared: c = 0
+    tails = [p[c:] for p in ids_l]; S = max(map(len, tails))
+    ids = torch.full((B, S), pad, dtype=torch.long); am = torch.zeros((B, c + S), dtype=torch.long); am[:, :c] = 1
+    for r, p in enumerate(tails): ids[r, S - len(p):] = torch.tensor(p); am[r, c + S - len(p):] = 1
+    ids, am, cache = ids.to(self.device), am.to(self.device), None
+    if c:
+        cache = self.model(input_ids=torch.tensor([ids_l[0][:c]], device=self.device), use_cache=True, logits_to_keep=1).past_key_values
+        cache.batch_repeat_interleave(B)
+    pos = (am.cumsum(-1) - 1).clamp(min=0)[:, c:]
+    o = self.model(input_ids=ids, attention_mask=am, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    self.stats["shared_prefix_tokens"] = self.stats.get("shared_prefix_tokens", 0) + c * (B - 1)
+    return o.logits[:, -1], o.past_key_values, am
+
+TransformersLLM.prefill = prefill
+
 # %% ../nbs/03_llm.ipynb #a86e4be6
 def option_logprobs(self,                        # a TransformersLLM (attached below as its method)
                     prompts: list[str],          # exact texts the model sees (e.g. `llm.prompt(conv, "Behavior:")`)
@@ -394,15 +426,12 @@ def option_logprobs(self,                        # a TransformersLLM (attached b
     per = max(1, self.batch_size // max(map(len, oids)))
     with torch.inference_mode():
         for idx in _length_batches([len(p) for p in pids], per):
-            B, P = len(idx), max(len(pids[i]) for i in idx)
-            ids = torch.full((B, P), pad, dtype=torch.long); am = torch.zeros((B, P), dtype=torch.long)
-            for r, i in enumerate(idx): ids[r, P - len(pids[i]):] = torch.tensor(pids[i]); am[r, P - len(pids[i]):] = 1
-            ids, am = ids.to(self.device), am.to(self.device)
-            o = self.model(input_ids=ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1)
-            first = o.logits[:, -1].float().log_softmax(-1)                           # (B, V): the token after each prompt
+            B = len(idx)
+            last, cache, am = self.prefill([pids[i] for i in idx])
+            first = last.float().log_softmax(-1)                                       # (B, V): the token after each prompt
             reps = torch.tensor([len(oids[i]) for i in idx], device=self.device)
             sel = torch.repeat_interleave(torch.arange(B, device=self.device), reps)
-            cache = o.past_key_values; cache.batch_select_indices(sel)                  # one copy of the prefix per option
+            cache.batch_select_indices(sel)                                             # one copy of the prompt per option
             conts = [c for i in idx for c in oids[i]]; L = max(map(len, conts))
             cid = torch.full((len(conts), L), pad, dtype=torch.long); cm = torch.zeros((len(conts), L), dtype=torch.long)
             for r, c in enumerate(conts): cid[r, :len(c)] = torch.tensor(c); cm[r, :len(c)] = 1
@@ -458,18 +487,15 @@ def generate_fields(self,                      # a TransformersLLM (attached bel
     with torch.inference_mode():
         for b0 in range(0, len(prompts), per):
             ids_l = [self.encode(p) for p in prompts[b0:b0 + per]]
-            B, T = len(ids_l), max(map(len, ids_l))
-            ids = torch.full((B, T), pad, dtype=torch.long); am = torch.zeros((B, T), dtype=torch.long)
-            for r, p in enumerate(ids_l): ids[r, T - len(p):] = torch.tensor(p); am[r, T - len(p):] = 1
-            ids, am = ids.to(self.device), am.to(self.device)
-            o = self.model(input_ids=ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1)
+            B = len(ids_l)
+            last, cache, am = self.prefill(ids_l)
             if getattr(self, "_stop_ids", None) is None:     # tokens whose text holds a newline, and EOS, end a field
-                V, texts = o.logits.shape[-1], self.tok.batch_decode([[i] for i in range(len(self.tok))])
+                V, texts = last.shape[-1], self.tok.batch_decode([[i] for i in range(len(self.tok))])
                 self._stop_ids = torch.tensor(["\n" in s for s in texts][:V] + [False] * max(0, V - len(texts)), device=self.device)
                 self._stop_ids[[e for e in self.eos_ids if e < V]] = True
             stop_ids = self._stop_ids
             sel = torch.arange(B, device=self.device).repeat_interleave(n)
-            cache, logits, mask = o.past_key_values, o.logits[:, -1][sel], am[sel]
+            logits, mask = last[sel], am[sel]
             cache.batch_select_indices(sel)
             R = len(sel)
             gen = torch.Generator(device=self.device).manual_seed(int(sampling.seed) + b0)

@@ -10,7 +10,7 @@ from pathlib import Path
 from .config import STAGES, ConfigError, load_config, project_root, write_json
 
 # %% auto #0
-__all__ = ['STAGE_NOTEBOOKS', 'run_paper', 'main']
+__all__ = ['STAGE_NOTEBOOKS', 'paper_notebook', 'run_paper', 'main']
 
 # %% ../nbs/90_paper.ipynb #76bcecda
 STAGE_NOTEBOOKS = [("config", "00_config.ipynb"), ("assets", "01_assets.ipynb"), ("scenes", "02_scenes.ipynb"),
@@ -71,6 +71,29 @@ def _write_summary(s: dict, out_dir: Path):
     write_json(out_dir / "run_summary.json", s)
     (out_dir / "RUN_SUMMARY.md").write_text(_summary_markdown(s))
 
+# %% ../nbs/90_paper.ipynb #fe90181c
+_DIRECTIVE = re.compile(r"^#\|\s*(\w+)")
+
+def _is_export(source: str) -> bool:
+    "Whether a code cell's leading `#|` directives export it (export, exports, exporti)."
+    for line in source.splitlines():
+        if not line.strip(): continue
+        m = _DIRECTIVE.match(line.strip())
+        if not m: return False                       # the directives are over
+        if m.group(1) in ("export", "exports", "exporti"): return True
+    return False
+
+def paper_notebook(path: str | Path,      # a stage notebook
+                   demos: bool = False,   # True: the notebook as it is
+                  ):
+    "The notebook the paper executes: markdown, export cells and the cells from `parameters` on (demo cells dropped unless `demos`)."
+    import nbformat
+    nb = nbformat.read(str(path), as_version=4)
+    par = next((i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", [])), None)
+    if demos or par is None: return nb
+    nb.cells = [c for i, c in enumerate(nb.cells) if c.cell_type != "code" or i >= par or _is_export(c.source)]
+    return nb
+
 # %% ../nbs/90_paper.ipynb #2df2b960
 def _short(s, n: int = 300) -> str:
     s = " ".join(str(s).split())
@@ -86,6 +109,7 @@ def run_paper(profile: str = "quick",   # `configs/<profile>.yaml`, or a path to
               stages: str | list | None = None,  # stages to run (comma string or list); None = all
               nbs_dir: str | Path | None = None,  # where the stage notebooks are; default `<root>/nbs`
               kernel: str = "python3",   # Jupyter kernel papermill starts (the venv's own python3)
+              demos: bool = False,       # also run each notebook's demo cells (`nbdev_test` runs them in `make test`)
              ) -> dict:
     "Run the stage notebooks with papermill; write and return the run summary."
     import papermill as pm
@@ -110,7 +134,7 @@ def run_paper(profile: str = "quick",   # `configs/<profile>.yaml`, or a path to
             print(f"== {stage}: {name}", flush=True)
             t0 = time.time()
             try:
-                pm.execute_notebook(str(src), str(nb_out / name), parameters=dict(profile=prof, overrides=overrides or ""),
+                pm.execute_notebook(paper_notebook(src, demos), str(nb_out / name), parameters=dict(profile=prof, overrides=overrides or ""),
                                     cwd=str(root), kernel_name=kernel, progress_bar=False, log_output=True)
                 row.update(_stage_outcome(rec_dir / f"{stage}.json", cfg.hash()))
             except pm.PapermillExecutionError as e:
@@ -140,13 +164,14 @@ def main(argv: list | None = None) -> int:
     p.add_argument("--stages", default="", help=f"comma list of stages to run (default: all of {','.join(STAGES)})")
     p.add_argument("--kernel", default="python3", help="Jupyter kernel for the notebooks (default: python3)")
     p.add_argument("--nbs-dir", default=None, help="folder of the stage notebooks (default: <project root>/nbs)")
+    p.add_argument("--demos", action="store_true", help="also run the notebooks' demo cells (default: export cells and the stage run only)")
     a = p.parse_args(argv)
     log = logging.getLogger("papermill")
     if not log.handlers:                                     # show the notebooks' own output as they run
         h = logging.StreamHandler(sys.stdout); h.setFormatter(logging.Formatter("%(message)s"))
         h.addFilter(lambda r: not _CELL_MARK.match(str(r.msg)))   # drop papermill's "Executing/Ending Cell N---"
         log.addHandler(h); log.setLevel(logging.INFO)
-    try: s = run_paper(a.profile, a.overrides, a.stages or None, a.nbs_dir, a.kernel)
+    try: s = run_paper(a.profile, a.overrides, a.stages or None, a.nbs_dir, a.kernel, a.demos)
     except ConfigError as e:
         print(f"usermirror-paper: {e}", file=sys.stderr); return 2
     return 1 if s["failed"] else 0

@@ -35,10 +35,10 @@ ASSISTANT_PREFIX = "Stimulus:"
 STOP_REGEX = r"Behavior:[^\n]*?\[[A-Z]\]"
 
 def rationale_conversation(scene_text: str, k: int) -> list[dict]:
-    "System + user messages asking for an EKB decision process over a k-item exposure list."
-    L = letters(k)
-    return [{"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": scene_text.rstrip() + "\n\n" + EKB_INSTRUCTIONS.format(forms=answer_forms(k))}]
+    "System message (the role and the EKB instructions for a k-item list) + user message (the scene): every scene shares the system turn."
+    letters(k)                                   # refuses k outside 2..26
+    return [{"role": "system", "content": SYSTEM_PROMPT + "\n\n" + EKB_INSTRUCTIONS.format(forms=answer_forms(k))},
+            {"role": "user", "content": scene_text.rstrip()}]
 
 def answer_forms(k: int) -> str:
     "`Behavior: [A], Behavior: [B] or Behavior: [C]` — listing the valid answers puts the next-token mass on the letters."

@@ -14,7 +14,8 @@ from .config import Config, STAGES, load_config, package_versions, record_stage,
 
 # %% auto #0
 __all__ = ['BASELINE_NAMES', 'pct', 'ci', 'num', 'md_table', 'load_artifacts', 'model_kind', 'all_metrics', 'metric_table',
-           'headline', 'accuracy_figure', 'git_state', 'build_report', 'run_report']
+           'headline', 'accuracy_figure', 'git_state', 'role_strength', 'rationale_rows', 'readout_rows', 'hybrid_rows',
+           'build_report', 'run_report']
 
 # %% ../nbs/10_report.ipynb #92653f68
 def pct(v) -> str:
@@ -54,7 +55,8 @@ def load_artifacts(results_dir: str | Path) -> dict:
     ev = _parquet(r / "evaluate" / "metrics.parquet"); bl = _parquet(r / "baselines" / "metrics.parquet")
     return dict(results_dir=r, stages=stages, config=_json(r / "config.json"), manifest=_json(r / "assets" / "manifest.json"),
                 scenes=_json(r / "scenes" / "summary.json"), rationales=_json(r / "rationales" / "summary.json"),
-                uncertainty=_json(r / "uncertainty" / "summary.json"), distill=_json(r / "distill" / "summary.json"),
+                uncertainty=_json(r / "uncertainty" / "summary.json"), choice_probs=_parquet(r / "uncertainty" / "choice_probs.parquet"),
+                distill=_json(r / "distill" / "summary.json"),
                 models=_json(r / "finetune" / "models.json"), evaluate=ev, baselines=bl,
                 difficulty=_parquet(r / "baselines" / "difficulty.parquet"), hybrid=_json(r / "baselines" / "hybrid.json"),
                 evaluate_summary=_json(r / "evaluate" / "summary.json"), baselines_summary=_json(r / "baselines" / "summary.json"))
@@ -106,14 +108,14 @@ def metric_table(m: pd.DataFrame, split: str = "eval", mode: str = "direct", mod
     return pd.DataFrame(rows)
 
 # %% ../nbs/10_report.ipynb #827c09e0
-def _versus(a: pd.Series, b: pd.Series) -> str:
-    "Where a's accuracy CI sits against b's."
-    if a["accuracy_lo"] > b["accuracy_hi"]: return "above"
-    if a["accuracy_hi"] < b["accuracy_lo"]: return "below"
+def _versus(a: pd.Series, b: pd.Series, key: str = "accuracy") -> str:
+    "Where a's `key` CI sits against b's."
+    if a[f"{key}_lo"] > b[f"{key}_hi"]: return "above"
+    if a[f"{key}_hi"] < b[f"{key}_lo"]: return "below"
     return "not distinguishable from"
 
 def headline(m: pd.DataFrame, student: str, k: int, groups: tuple = ("all",)) -> tuple[str, list]:
-    "Markdown bullets (one per group) and their numbers: base student, best fine-tuned, best baseline, hybrid, and the verdicts."
+    "Markdown bullets (one per group) and their numbers: base student, best fine-tuned, best LLM-only vs popularity, best baseline, hybrid, and the verdicts."
     s = m[(m["split"] == "eval") & (m["mode"] == "direct")] if len(m) else m
     lines, rows = [], []
     for g in groups:
@@ -122,6 +124,9 @@ def headline(m: pd.DataFrame, student: str, k: int, groups: tuple = ("all",)) ->
         def best(kind, exclude=()):
             c = t[(t["kind"] == kind) & ~t.index.isin(exclude)]
             return None if c.empty else str(c.sort_values(["accuracy", "nll"], ascending=[False, True]).index[0])
+        llm_only = t[t["kind"].isin(["base LLM", "fine-tuned"])]
+        lo = None if llm_only.empty else str(llm_only.sort_values(["argmax_accuracy", "nll"], ascending=[False, True]).index[0])
+        pop = "popularity" if "popularity" in t.index else None
         base = student if student in t.index else None
         ft, bl = best("fine-tuned"), best("baseline", exclude=("random",))
         hy = "hybrid" if "hybrid" in t.index else None
@@ -133,8 +138,13 @@ def headline(m: pd.DataFrame, student: str, k: int, groups: tuple = ("all",)) ->
             says.append(f"the best fine-tuned model's CI {'excludes' if t.loc[ft, 'accuracy_lo'] > 1 / k else 'includes'} chance ({pct(1 / k)}%)")
             if base: says.append(f"it is {_versus(t.loc[ft], t.loc[base])} the base student")
             if bl: says.append(f"{_versus(t.loc[ft], t.loc[bl])} the best baseline")
+        if lo and pop:
+            a = lambda n: ci(t.loc[n, 'argmax_accuracy'], t.loc[n, 'argmax_accuracy_lo'], t.loc[n, 'argmax_accuracy_hi'])
+            says.append(f"the best LLM-only simulator by argmax, `{lo}` {a(lo)}, is {_versus(t.loc[lo], t.loc[pop], 'argmax_accuracy')} "
+                        f"popularity's {a(pop)} (argmax accuracy, same scenes)")
+        if hy and bl: says.append(f"the hybrid is {_versus(t.loc[hy], t.loc[bl])} the best baseline")
         lines.append(f"- **{g}**: " + "; ".join(parts) + (f". {says[0][0].upper()}{'; '.join(says)[1:]}." if says else "."))
-        rows.append({"group": g, "base": base, "fine_tuned": ft, "baseline": bl, "hybrid": hy, "verdicts": says})
+        rows.append({"group": g, "base": base, "fine_tuned": ft, "llm_only": lo, "baseline": bl, "hybrid": hy, "verdicts": says})
     return "\n".join(lines), rows
 
 # %% ../nbs/10_report.ipynb #72402258
@@ -191,6 +201,80 @@ def _manifest_rows(man: dict | None) -> pd.DataFrame:
             for i, v in enumerate(x): walk(v, f"{where}[{i}]")
     walk(man or {}, "")
     return pd.DataFrame(rows).drop_duplicates() if rows else pd.DataFrame()
+
+# %% ../nbs/10_report.ipynb #546d138f
+def _boot(per_scene: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
+    "Bootstrap 95% CI of the mean over scenes (rows of `per_scene`)."
+    rng = np.random.default_rng(seed)
+    means = per_scene[rng.integers(0, len(per_scene), (n_boot, len(per_scene)))].mean(1)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+def role_strength(cp: pd.DataFrame,    # stage 05's choice_probs rows: scene_id, role, probs, gt_pos (+model)
+                  n_boot: int = 1000, seed: int = 0) -> tuple[pd.DataFrame, dict]:
+    "Per role: rationales, scenes, behaviour-sampling and argmax accuracy with 95% CIs, and the paired teacher − student row; plus the numbers."
+    p_gt = [float(np.asarray(p, float)[int(t)] / np.sum(p)) for p, t in zip(cp["probs"], cp["gt_pos"])]
+    hit = [float(np.argmax(p) == int(t)) for p, t in zip(cp["probs"], cp["gt_pos"])]
+    per = cp.assign(p_gt=p_gt, hit=hit).groupby(["role", "scene_id"])[["p_gt", "hit"]].mean()
+    rows, nums = [], {}
+    for role in [r for r in ("teacher", "student") if r in per.index.get_level_values(0)]:
+        v, g = per.loc[role].to_numpy(), cp[cp["role"] == role]
+        (a_lo, a_hi), (h_lo, h_hi) = _boot(v[:, :1], n_boot, seed), _boot(v[:, 1:], n_boot, seed)
+        nums[role] = dict(model=str(g["model"].iloc[0]) if "model" in g else "", rationales=len(g), scenes=len(v),
+                          accuracy=float(v[:, 0].mean()), accuracy_lo=a_lo, accuracy_hi=a_hi,
+                          argmax_accuracy=float(v[:, 1].mean()), argmax_accuracy_lo=h_lo, argmax_accuracy_hi=h_hi)
+    if {"teacher", "student"} <= set(nums):
+        both = per.loc["teacher"].index.intersection(per.loc["student"].index)
+        d = per.loc["teacher"].loc[both].to_numpy() - per.loc["student"].loc[both].to_numpy()
+        (a_lo, a_hi), (h_lo, h_hi) = _boot(d[:, :1], n_boot, seed), _boot(d[:, 1:], n_boot, seed)
+        nums["teacher - student"] = dict(model="paired", rationales=None, scenes=len(both), accuracy=float(d[:, 0].mean()),
+                                         accuracy_lo=a_lo, accuracy_hi=a_hi, argmax_accuracy=float(d[:, 1].mean()),
+                                         argmax_accuracy_lo=h_lo, argmax_accuracy_hi=h_hi)
+    for role, x in nums.items():
+        rows.append({"role": role, "model": x["model"], "rationales": "—" if x["rationales"] is None else x["rationales"],
+                     "scenes": x["scenes"], "behaviour-sampling acc %": ci(x["accuracy"], x["accuracy_lo"], x["accuracy_hi"]),
+                     "argmax acc %": ci(x["argmax_accuracy"], x["argmax_accuracy_lo"], x["argmax_accuracy_hi"])})
+    return pd.DataFrame(rows), nums
+
+def rationale_rows(summary: dict) -> pd.DataFrame:
+    "Per role from stage 04's summary: rationales written, parsed (no failure) with %, and each failure kind that occurred."
+    rows = []
+    for role, v in (summary or {}).get("per_role", {}).items():
+        fails = ", ".join(f"{k} {n}" for k, n in v.get("failures", {}).items() if n) or "none"
+        rows.append({"role": role, "written": v["total"], "parsed": v["valid"], "parsed %": pct(v["valid"] / v["total"]) if v["total"] else "—",
+                     "failures": fails})
+    return pd.DataFrame(rows)
+
+# %% ../nbs/10_report.ipynb #2cb2a0d8
+def readout_rows(m: pd.DataFrame, readouts: list, k: int) -> pd.DataFrame:
+    "Eval, direct, all-domain rows of every model that has `<model>[<readout>]` rows: its readouts side by side, with the top position's share."
+    s = m[(m["split"] == "eval") & (m["mode"] == "direct") & (m["group"] == "all")] if len(m) else m
+    if not len(s): return pd.DataFrame()
+    names = list(s["model"].astype(str))
+    bases = list(dict.fromkeys(n.split("[")[0] for n in names if n.endswith("]") and "[" in n))
+    rows, L = [], [chr(65 + i) for i in range(k)]
+    for b in bases:
+        for r in readouts:
+            name = b if r == readouts[0] else f"{b}[{r}]"
+            if name not in names: continue
+            x = s[s["model"] == name].iloc[0]
+            hist = list(x["letter_hist"]) if "letter_hist" in x and x["letter_hist"] is not None else []
+            top = int(np.argmax(hist)) if len(hist) else None
+            rows.append({"model": b, "readout": r, "n": int(x["n"]), "accuracy %": ci(x["accuracy"], x["accuracy_lo"], x["accuracy_hi"]),
+                         "argmax acc %": ci(x["argmax_accuracy"], x["argmax_accuracy_lo"], x["argmax_accuracy_hi"]),
+                         "NLL": num(x["nll"]), "most-predicted position": "—" if top is None else f"{L[top]} {pct(hist[top])}%"})
+    return pd.DataFrame(rows)
+
+def hybrid_rows(hy: dict | None) -> tuple[str, pd.DataFrame]:
+    "A sentence (LLM, classic model, fitted w, validation NLLs) and the validation table the weight was fitted on."
+    if not hy: return "The baselines stage wrote no hybrid.", pd.DataFrame()
+    if hy.get("status") != "done": return f"No hybrid: {hy.get('note', hy.get('status'))}.", pd.DataFrame()
+    nll, n = hy.get("valid_nll", {}), hy.get("n", {})
+    text = (f"`hybrid` = `{hy['llm_model']}` × `{hy['classic_model']}` (the classic model with the best validation accuracy), "
+            f"fitted weight **w = {hy['w']:.2f}** on {n.get('valid', '?')} validation scenes (validation NLL: classic {num(nll.get('classic'))}, "
+            f"LLM {num(nll.get('llm'))}, hybrid {num(nll.get('hybrid'))}); its eval row is in the main table ({n.get('eval', '?')} scenes).")
+    rows = [{"model": mdl, "valid accuracy %": pct(v["accuracy"]), "valid argmax acc %": pct(v["argmax_accuracy"]), "valid NLL": num(v["nll"])}
+            for mdl, v in hy.get("valid", {}).items()]
+    return text, pd.DataFrame(rows)
 
 # %% ../nbs/10_report.ipynb #bec7687a
 _FIGURES = {"uncertainty/uncertainty_hist.png": "uncertainty_hist.png", "evaluate/reliability.png": "reliability.png",
@@ -287,9 +371,10 @@ This profile has {n_eval} eval scenes in all ({", ".join(f"{d}: {v.get('eval', 0
     hy = art.get("hybrid")
     if hy:
         numbers["hybrid"] = hy
-        body = "\n".join(f"- **{k_}**: {v}" for k_, v in _flat(hy).items())
-        out.append(_section("Hybrid simulator (product of experts)", "The fine-tuned LLM's letter distribution times the best "
-                            "classic model's, with the weight fitted on validation users only:\n\n" + body))
+        htext, hrows = hybrid_rows(hy)
+        out.append(_section("Hybrid simulator (product of experts)", "The LLM's choice distribution times the best classic "
+                            "model's, p ∝ p_LLM^w · p_classic^(1−w), the weight fitted on validation users only. " + htext +
+                            ("\n\n" + md_table(hrows) if len(hrows) else "")))
     dif = art.get("difficulty")
     if dif is not None and len(dif):
         numbers["difficulty"] = dif.to_dict("records")
@@ -308,6 +393,14 @@ This profile has {n_eval} eval scenes in all ({", ".join(f"{d}: {v.get('eval', 0
         out.append(_section("Position bias", "Share of argmax predictions per letter, and accuracy by ground-truth position "
                             f"(a fair simulator predicts each letter about {pct(1 / k)}% of the time).\n\n" + md_table(pd.DataFrame(rows)) +
                             "\n\n![position bias](figures/position_bias.png)\n\n![reliability](figures/reliability.png)"))
+    ro = readout_rows(m, list(cfg.evaluate.readouts), k)
+    if len(ro):
+        numbers["readouts"] = ro.to_dict("records")
+        out.append(_section("Readouts: the same model read as letters or as item texts",
+                            f"`letter` reads the option letter after `Behavior: [` (the paper's); `letter_debiased` averages it over the "
+                            f"k cyclic shifts of the exposure list; `cloze` scores each item's own text after `Behavior:` (mean token "
+                            f"log-prob), `cloze_sum` the summed log-prob (04a_readout). The first readout ({cfg.evaluate.readouts[0]}) is on "
+                            "all eval scenes, the others on the first `evaluate.readout_scenes` per domain (n).\n\n" + md_table(ro)))
     # training data
     ds = art.get("distill") or {}
     if ds:
@@ -321,10 +414,22 @@ This profile has {n_eval} eval scenes in all ({", ".join(f"{d}: {v.get('eval', 0
                             "\n\nModels trained (steps × batch = examples seen):\n\n" + md_table(_models_rows(art))))
     ra = art.get("rationales") or {}
     un = art.get("uncertainty") or {}
+    cp = art.get("choice_probs")
     if ra or un:
-        out.append(_section("Rationales and uncertainty", "Stage 04/05 summaries as written:\n\n```json\n" +
-                            json.dumps({"rationales": ra, "uncertainty": un}, indent=1, default=str)[:3000] + "\n```\n\n"
-                            "![uncertainty](figures/uncertainty_hist.png)"))
+        rr = rationale_rows(ra)
+        numbers["rationales"] = rr.to_dict("records")
+        body = (f"Stage 04 wrote {cfg.rationales.n} rationales per role for each of {ra.get('scenes', '?')} training scenes "
+                f"({'staged: Stimulus, Knowledge, Evaluation one bounded line each' if cfg.rationales.staged else 'free generation'}); "
+                "a rationale parses when it has every stage and no failure:\n\n" + md_table(rr))
+        if cp is not None and len(cp):
+            rs, numbers["teacher_vs_student"] = role_strength(cp, cfg.evaluate.bootstrap, cfg.seed)
+            d = numbers["teacher_vs_student"].get("teacher - student")
+            verdict = ("" if d is None else " The teacher is " + ("stronger than" if d["accuracy_lo"] > 0 else "weaker than" if d["accuracy_hi"] < 0
+                                                                  else "not distinguishable from") + " the student on its behaviour-sampling accuracy "
+                       f"(paired difference {ci(d['accuracy'], d['accuracy_lo'], d['accuracy_hi'])} points).")
+            body += (f"\n\nTeacher vs student: each role's rationales read by {un.get('predictor', 'the predictor')} "
+                     f"({un.get('readout', cfg.models['predictor'].readout)} readout) on the training scenes." + verdict + "\n\n" + md_table(rs))
+        out.append(_section("Rationales: parsed, and teacher vs student", body + "\n\n![uncertainty](figures/uncertainty_hist.png)"))
     st = _stage_rows(art)
     numbers["stages"] = st.to_dict("records")
     total = sum(float(r["seconds"]) for r in art["stages"].values() if r.get("seconds") is not None)
