@@ -493,6 +493,8 @@ def generate_fields(self,                      # a TransformersLLM (attached bel
                 V, texts = last.shape[-1], self.tok.batch_decode([[i] for i in range(len(self.tok))])
                 self._stop_ids = torch.tensor(["\n" in s for s in texts][:V] + [False] * max(0, V - len(texts)), device=self.device)
                 self._stop_ids[[e for e in self.eos_ids if e < V]] = True
+                # a field's first token must carry text: whitespace-only tokens (" ", "  ") would leave it empty
+                self._blank_ids = self._stop_ids | torch.tensor([not s.strip() for s in texts][:V] + [False] * max(0, V - len(texts)), device=self.device)
             stop_ids = self._stop_ids
             sel = torch.arange(B, device=self.device).repeat_interleave(n)
             logits, mask = last[sel], am[sel]
@@ -513,7 +515,7 @@ def generate_fields(self,                      # a TransformersLLM (attached bel
                 done = torch.zeros(R, dtype=torch.bool, device=self.device)
                 for step in range(field_tokens):
                     logits = logits.clone()
-                    if step == 0: logits[:, stop_ids] = -float("inf")        # a field is never empty
+                    if step == 0: logits[:, self._blank_ids] = -float("inf")  # a field is never empty
                     if banned:
                         for r in range(R):
                             ctx = tuple((field_ids[f - 1] if f else [] ) + vals[f][r])[-(ngram - 1):] if ngram > 1 else ()
