@@ -80,7 +80,38 @@ def test_cloze_needs_a_backend_that_scores_continuations(scenes):
         choice_distributions(LettersOnly(), scenes.head(1).to_dict("records"), None, "cloze")
     with pytest.raises(ValueError, match="readout must be one of"):
         choice_distributions(LettersOnly(), scenes.head(1).to_dict("records"), None, "cloze_mean")
-    assert READOUTS == ("letter", "letter_debiased", "cloze", "cloze_sum")
+    assert READOUTS == ("letter", "letter_debiased", "cloze", "cloze_sum", "history")
+    with pytest.raises(LLMError, match="readout 'history' scores each item's title"):
+        choice_distributions(LettersOnly(), scenes.head(1).to_dict("records"), None, "history")
+
+
+def test_history_readout_scores_titles_after_the_users_history_in_the_lm_corpus_format(llm, scenes, dom):
+    from usermirror_nb.finetune import lm_sequences
+    from usermirror_nb.readout import history_options, history_prompt, shifted_scene
+    recs = scenes.head(4).to_dict("records")
+    got = choice_distributions(llm, recs, None, "history")
+    for s, cp in zip(recs, got):
+        assert cp.probs.shape == (1, 5) and np.all(np.isnan(cp.letter_mass))
+        np.testing.assert_allclose(cp.probs.sum(1), 1.0)
+        # the same numbers as scoring each title alone after the prompt (mean token log-prob)
+        p = llm.encode(history_prompt(s)); rows = []
+        for o in history_options(s):
+            q = llm.encode(o)
+            with torch.inference_mode(): lp = llm.model(input_ids=torch.tensor([p + q])).logits[0].double().log_softmax(-1)
+            rows.append([float(sum(lp[len(p) - 1 + t, q[t]] for t in range(len(q)))), len(q)])
+        np.testing.assert_allclose(cp.probs[0], cloze_distribution(np.array(rows)), atol=2e-3)
+    # the exposure order is not in the prompt: a shifted list gives the same distribution over the items
+    sh = choice_distributions(llm, [shifted_scene(recs[0], 2)], None, "history")[0].probs[0]
+    np.testing.assert_allclose(sh, np.roll(got[0].probs[0], -2), atol=1e-5)
+    # every history line is a line of that user's sequence in the lm corpus (lm_line: title), in the same order
+    u = int(np.flatnonzero(dom.user_ids == recs[0]["user_id"])[0])
+    corpus = lm_sequences(dom, np.arange(dom.n_users) == u, positive_only=False, line="title")[0].split("\n")
+    lines = history_prompt(recs[0]).split("\n")
+    assert lines[0] == corpus[0] and lines[-1] == "-"
+    pos = [corpus.index(l) for l in lines[1:-1]]
+    assert pos == sorted(pos) and len(pos) == len(recs[0]["history"])
+    with pytest.raises(ValueError, match="direct mode"):
+        choice_distributions(llm, recs[:1], [["Stimulus: x"]], "history")
 
 
 def test_lm_corpus_holds_training_users_only(ml_raw, dom, tmp_path):

@@ -263,7 +263,7 @@ class Simulator:
                  name: str,                  # the model's name in predictions ("smollm2-135m-instruct", "sft", ...)
                  card: dict | None = None,   # usermirror.json of a fine-tuned folder ({} for a base model)
                  sampling=None,              # `llm.Sampling` for thought mode (None: temperature 1, top_p 0.9, 144 tokens)
-                 readout: str = "letter",    # how the choice is read (04a_readout): letter | letter_debiased | cloze | cloze_sum
+                 readout: str = "letter",    # how the choice is read (04a_readout): letter | letter_debiased | cloze | cloze_sum | history
                  staged: bool = True, field_tokens: int = 32):  # thought mode writes its rationale as stage 04 does
         from usermirror_nb.llm import Sampling
         from usermirror_nb.readout import check_readout
@@ -313,7 +313,7 @@ class Simulator:
         "Contract-3 rows, thought mode: the simulator writes its EKB rationale, then scores the letters after it."
         import dataclasses
         from usermirror_nb.rationales import parse_rationale, rationale_conversation, write_rationales
-        from usermirror_nb.readout import choice_distributions
+        from usermirror_nb.readout import choice_distributions, reads_rationale
         if scenes.empty: return _pred_rows(self.name, "thought", scenes, [], [], [])
         recs = scenes.to_dict("records")
         bs = batch_scenes or getattr(self.llm, "batch_size", 8)
@@ -326,7 +326,7 @@ class Simulator:
             outs = write_rationales(self.llm, convs, 1, dataclasses.replace(self.sampling, seed=bseed), self.staged, self.field_tokens)
             texts += [o[0][0] for o in outs]
         bodies = [parse_rationale(t, int(r["choice_cnt"]), needs_behavior=not self.staged)["body"] for t, r in zip(texts, recs)]
-        readout = "cloze" if self.readout == "letter_debiased" else self.readout    # shifted lists do not fit a written rationale
+        readout = self.readout if reads_rationale(self.readout) else "cloze"    # shifted lists and the history prompt do not fit a written rationale
         for i, r in enumerate(choice_distributions(self.llm, recs, [[b] for b in bodies], readout)): probs[i], mass[i] = r.probs[0], r.letter_mass[0]
         return _pred_rows(self.name, "thought", scenes, probs, mass, texts)
 

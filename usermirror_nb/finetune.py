@@ -831,7 +831,7 @@ def ensure_lm(cfg: Config) -> Path:
         v = load_scenes(cfg, "valid").to_pandas()
         ev = v.groupby("domain", sort=True).head(fcfg.lm_eval_scenes) if fcfg.lm_eval_scenes else v
     um = train_lm(st.model, lm_corpus(cfg), fcfg, out, cache, cfg.seed, get_device(st.device), eval_scenes=ev,
-                  eval_every=fcfg.lm_eval_every if ev is not None else 0, readout=st.readout if st.readout.startswith("cloze") else "cloze")
+                  eval_every=fcfg.lm_eval_every if ev is not None else 0, readout="history")   # the readout in the corpus's own format
     if um.get("complete") is False: raise RuntimeError(f"finetune: lm stopped at step {um['steps']} of {um['max_steps']}; rerun to resume")
     return out
 

@@ -6,16 +6,17 @@
 from __future__ import annotations
 import numpy as np
 
+from .config import READOUTS
 from .llm import ChoiceProbs, LLMError
 from .rationales import rationale_conversation
 from .scenes import render_scene
 
 # %% auto #0
-__all__ = ['READOUTS', 'LETTER_CUE', 'CLOZE_CUE', 'check_readout', 'assistant_text', 'option_texts', 'cloze_distribution',
-           'shifted_scene', 'unshift', 'choice_distributions']
+__all__ = ['LETTER_CUE', 'CLOZE_CUE', 'HISTORY_HEADER', 'check_readout', 'reads_rationale', 'assistant_text', 'option_texts',
+           'cloze_distribution', 'item_title', 'history_prompt', 'history_options', 'shifted_scene', 'unshift',
+           'choice_distributions']
 
 # %% ../nbs/04a_readout.ipynb #f28b8453
-READOUTS = ("letter", "letter_debiased", "cloze", "cloze_sum")
 LETTER_CUE = "Behavior: ["     # the letter is the next token
 CLOZE_CUE = "Behavior:"        # the item text follows, with its leading space: "Behavior: Fargo (1996) ..."
 
@@ -23,11 +24,16 @@ def check_readout(readout: str) -> str:
     if readout not in READOUTS: raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
     return readout
 
+def reads_rationale(readout: str) -> bool:
+    "Whether `readout` can read a choice after a written rationale (letter and cloze can; the debiased letter and history cannot)."
+    return check_readout(readout) in ("letter", "cloze", "cloze_sum")
+
 def assistant_text(body: str,      # the rationale body ("" in direct mode)
                    readout: str,   # one of READOUTS
                   ) -> str:
     "The assistant-turn text the readout scores after: the rationale body (if any), then the behaviour cue."
-    cue = LETTER_CUE if check_readout(readout).startswith("letter") else CLOZE_CUE
+    if check_readout(readout) == "history": raise ValueError("readout 'history' scores item titles after the user's history, not after an assistant turn")
+    cue = LETTER_CUE if readout.startswith("letter") else CLOZE_CUE
     return (body.rstrip() + "\n" + cue) if body and body.strip() else cue
 
 def option_texts(scene: dict) -> list[str]:
@@ -51,6 +57,23 @@ def cloze_distribution(scores,              # (k, 2) or (m, k, 2): [summed log-p
     z = z - z.max(-1, keepdims=True)
     p = np.exp(z)
     return p / p.sum(-1, keepdims=True)
+
+# %% ../nbs/04a_readout.ipynb #dedc6137
+HISTORY_HEADER = "## History (oldest first)\n"     # the lm corpus's header (07_finetune.lm_sequences)
+
+def item_title(text) -> str:
+    "An item's text up to its first ` — ` (the title, as in the lm corpus with `lm_line: title`)."
+    return str(text).split(" — ")[0].strip()
+
+def history_prompt(scene: dict) -> str:
+    "The completion prompt of the history readout: the header, one `- <title>` line per history item (oldest first), then `-`."
+    hist = list(scene.get("history") if scene.get("history") is not None else [])
+    return HISTORY_HEADER + "".join(f"- {item_title(h)}\n" for h in hist) + "-"
+
+def history_options(scene: dict) -> list[str]:
+    "The k continuations of the history readout: each exposure item's title after one space."
+    return [" " + item_title(t) for t in option_texts(scene)]
+
 
 # %% ../nbs/04a_readout.ipynb #9856bc7d
 def shifted_scene(scene: dict, s: int) -> dict:
@@ -104,6 +127,16 @@ def _cloze(llm, scenes, bodies, readout):
     for i, r in zip(owner, res): rows[i].append(cloze_distribution(r, norm))
     return [ChoiceProbs(np.stack(r), np.full(len(r), np.nan)) for r in rows]
 
+def _history(llm, scenes, bodies):
+    if any(b.strip() for bs in bodies for b in bs):
+        raise ValueError("readout 'history' scores item titles after the user's history and reads no rationale: use it in direct "
+                         "mode (no rationale), or use 'cloze' or 'letter' after rationales")
+    if not hasattr(llm, "option_logprobs"):
+        raise LLMError(f"readout 'history' scores each item's title as a continuation, which {type(llm).__name__} cannot do "
+                       "(it needs the local transformers backend); use readout 'letter' with this backend")
+    res = llm.option_logprobs([history_prompt(s) for s in scenes], [history_options(s) for s in scenes])
+    return [ChoiceProbs(cloze_distribution(r)[None, :], np.array([np.nan])) for r in res]
+
 def choice_distributions(llm,                        # a usermirror_nb.llm backend
                          scenes: list[dict],         # scene records (scene_text, choice_cnt, exposure_texts, ...)
                          bodies: list[list[str]] | None = None,  # rationale bodies per scene; None = direct mode
@@ -116,4 +149,5 @@ def choice_distributions(llm,                        # a usermirror_nb.llm backe
     if len(bodies) != len(scenes): raise ValueError(f"choice_distributions: {len(scenes)} scenes but {len(bodies)} lists of bodies")
     if readout == "letter": return _letter(llm, scenes, bodies, readout)
     if readout == "letter_debiased": return _debiased(llm, scenes, bodies)
+    if readout == "history": return _history(llm, scenes, bodies)
     return _cloze(llm, scenes, bodies, readout)

@@ -399,7 +399,8 @@ This profile has {n_eval} eval scenes in all ({", ".join(f"{d}: {v.get('eval', 0
         out.append(_section("Readouts: the same model read as letters or as item texts",
                             f"`letter` reads the option letter after `Behavior: [` (the paper's); `letter_debiased` averages it over the "
                             f"k cyclic shifts of the exposure list; `cloze` scores each item's own text after `Behavior:` (mean token "
-                            f"log-prob), `cloze_sum` the summed log-prob (04a_readout). The first readout ({cfg.evaluate.readouts[0]}) is on "
+                            f"log-prob), `cloze_sum` the summed log-prob; `history` scores each item's title as the next line of the user's own "
+                            f"history (no scene prompt, no exposure list; the `lm` run's corpus format) (04a_readout). The first readout ({cfg.evaluate.readouts[0]}) is on "
                             "all eval scenes, the others on the first `evaluate.readout_scenes` per domain (n).\n\n" + md_table(ro)))
     # training data
     ds = art.get("distill") or {}
