@@ -488,6 +488,11 @@ def dpo_config(fcfg: FinetuneConfig, output_dir, device: str = "cpu", seed: int 
     return DPOConfig(**{**kw, **overrides})
 
 # %% ../nbs/07_finetune.ipynb #46a3126f
+def _nanmean(x) -> float:
+    "The mean of the finite values; NaN (no warning) when there are none (cloze and history readouts have no letter mass)."
+    x = np.asarray(x, dtype=float); x = x[np.isfinite(x)]
+    return float(x.mean()) if len(x) else float("nan")
+
 def held_out_callback(scenes: pd.DataFrame,     # scenes with scene_text, choice_cnt, gt_pos
                       tokenizer,                # the base tokenizer (inference template)
                       base_model: str, every: int, batch_size: int = 8,
@@ -510,7 +515,7 @@ def held_out_callback(scenes: pd.DataFrame,     # scenes with scene_text, choice
             P = [c.probs[0] for c in cps]
             rec = {"step": int(state.global_step), "heldout_accuracy": float(np.mean([p[g] for p, g in zip(P, gt)])),
                    "heldout_argmax_accuracy": float(np.mean([int(np.argmax(p) == g) for p, g in zip(P, gt)])),
-                   "heldout_letter_mass": float(np.nanmean([c.letter_mass[0] for c in cps])), "heldout_scenes": len(P)}
+                   "heldout_letter_mass": _nanmean([c.letter_mass[0] for c in cps]), "heldout_scenes": len(P)}
             state.log_history.append(rec)
             self.curve.append(rec)
         def on_train_begin(self, args, state, control, model=None, **kw):

@@ -189,17 +189,19 @@ def git_state(root: str | Path | None = None) -> dict:
 def _manifest_rows(man: dict | None) -> pd.DataFrame:
     "One row per file in the assets manifest: what, file, sha256 (shortened), licence."
     rows = []
-    def walk(x, where):
+    def walk(x, where, lic):                 # lic: the licence of the nearest enclosing record (a dataset's files share it)
         if isinstance(x, dict):
+            lic = x.get("licence", lic) if isinstance(x.get("licence", lic), str) else lic
+            where = f"{where}:{x['name']}" if isinstance(x.get("name"), str) else where
             sha = x.get("sha256")
-            if isinstance(sha, str): rows.append(dict(asset=where, sha256=sha[:16] + "…", licence=x.get("licence", "")))
+            if isinstance(sha, str): rows.append(dict(asset=where, sha256=sha[:16] + "…", licence=lic))
             for k, v in x.items():
-                if isinstance(v, (dict, list)): walk(v, f"{where}/{k}" if where else k)
+                if isinstance(v, (dict, list)): walk(v, f"{where}/{k}" if where else k, lic)
                 elif isinstance(v, str) and k != "sha256" and len(v) == 64 and all(c in "0123456789abcdef" for c in v):
-                    rows.append(dict(asset=f"{where}/{k}" if where else k, sha256=v[:16] + "…", licence=""))
+                    rows.append(dict(asset=f"{where}/{k}" if where else k, sha256=v[:16] + "…", licence=lic))
         elif isinstance(x, list):
-            for i, v in enumerate(x): walk(v, f"{where}[{i}]")
-    walk(man or {}, "")
+            for i, v in enumerate(x): walk(v, f"{where}[{i}]", lic)
+    walk(man or {}, "", "")
     return pd.DataFrame(rows).drop_duplicates() if rows else pd.DataFrame()
 
 # %% ../nbs/10_report.ipynb #546d138f
@@ -284,7 +286,7 @@ def _stage_rows(art: dict) -> pd.DataFrame:
     rows = []
     for s in STAGES:
         r = art["stages"].get(s)
-        rows.append(dict(stage=s, status=r["status"] if r else "missing",
+        rows.append(dict(stage=s, status=r["status"] if r else ("this report" if s == "report" else "missing"),
                          seconds=num(r.get("seconds"), 1) if r and r.get("seconds") is not None else "—",
                          note=(r.get("note") or "") if r else ""))
     return pd.DataFrame(rows)
