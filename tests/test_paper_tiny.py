@@ -43,7 +43,7 @@ def test_report_sections_and_figures(tiny):
     for title in ("How to read this report", "Main table", "Headline", "SFT, DPO and RosePO-smoothed DPO", "Distillation ablation",
                   "Hybrid simulator", "Task difficulty", "Position bias", "Readouts: the same model read as letters or as item texts",
                   "What the models learned from", "Rationales: parsed, and teacher vs student",
-                  "Wall time per stage", "Provenance"):
+                  "Paired differences on the same scenes", "Wall time per stage", "Provenance"):
         assert f"## {title}" in text, title
     for link in re.findall(r"\]\((figures/[^)]+)\)", text):
         assert (out / link).exists(), link
@@ -70,6 +70,12 @@ def test_report_numbers_match_the_artifacts(tiny):
     assert hl["baseline"] in set(bl.loc[bl.accuracy == bl.accuracy.max(), "model"]) and hl["base"] == "smollm2-135m-instruct"
     assert len(hl["verdicts"]) == 5 and f"**all**: base student `smollm2-135m-instruct`" in text
     assert hl["llm_only"] in {"smollm2-135m-instruct", "lm", "sft", "dpo", "dpo_smoothed"} and "popularity's" in hl["verdicts"][3]
+    # paired differences: every fine-tuned model against the base student, on the 12 scenes both scored
+    pr = {(r["a"], r["b"]): r for r in rep["paired"]}
+    for ft in ("lm", "sft", "dpo", "dpo_smoothed"):
+        r = pr[(ft, "smollm2-135m-instruct")]
+        assert r["scenes"] == 12 and r["accuracy_diff_lo"] <= r["accuracy_diff"] <= r["accuracy_diff_hi"]
+        assert r["verdict"] == ("above" if r["accuracy_diff_lo"] > 0 else "below" if r["accuracy_diff_hi"] < 0 else "not distinguishable from")
     # teacher vs student: both roles and their paired difference, from stage 05's choice_probs
     assert set(rep["teacher_vs_student"]) == {"teacher", "student", "teacher - student"}
     assert [r["role"] for r in rep["rationales"]] == ["student", "teacher"] and all(r["written"] == 8 for r in rep["rationales"])

@@ -14,8 +14,8 @@ from .config import Config, STAGES, load_config, package_versions, record_stage,
 
 # %% auto #0
 __all__ = ['BASELINE_NAMES', 'pct', 'ci', 'num', 'md_table', 'load_artifacts', 'model_kind', 'all_metrics', 'metric_table',
-           'headline', 'accuracy_figure', 'git_state', 'role_strength', 'rationale_rows', 'readout_rows', 'hybrid_rows',
-           'build_report', 'run_report']
+           'headline', 'accuracy_figure', 'git_state', 'role_strength', 'rationale_rows', 'paired_rows', 'readout_rows',
+           'hybrid_rows', 'build_report', 'run_report']
 
 # %% ../nbs/10_report.ipynb #92653f68
 def pct(v) -> str:
@@ -59,7 +59,9 @@ def load_artifacts(results_dir: str | Path) -> dict:
                 distill=_json(r / "distill" / "summary.json"),
                 models=_json(r / "finetune" / "models.json"), evaluate=ev, baselines=bl,
                 difficulty=_parquet(r / "baselines" / "difficulty.parquet"), hybrid=_json(r / "baselines" / "hybrid.json"),
-                evaluate_summary=_json(r / "evaluate" / "summary.json"), baselines_summary=_json(r / "baselines" / "summary.json"))
+                evaluate_summary=_json(r / "evaluate" / "summary.json"), baselines_summary=_json(r / "baselines" / "summary.json"),
+                predictions=pd.concat([p for p in (_parquet(r / "evaluate" / "predictions.parquet"), _parquet(r / "baselines" / "predictions.parquet"))
+                                       if p is not None and len(p)] or [pd.DataFrame()], ignore_index=True))
 
 # %% ../nbs/10_report.ipynb #f08beec0
 BASELINE_NAMES = ("random", "popularity", "item_knn", "sasrec", "aaai2025")
@@ -246,6 +248,33 @@ def rationale_rows(summary: dict) -> pd.DataFrame:
                      "failures": fails})
     return pd.DataFrame(rows)
 
+# %% ../nbs/10_report.ipynb #d5771f6e
+def paired_rows(pred: pd.DataFrame,      # contract-3 predictions: model, mode, split, scene_id, gt_pos, probs
+                pairs: list,             # [(a, b)] model names
+                n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    "Per pair (a, b): scenes both scored, mean a − b of p(truth) and argmax accuracy (points) with bootstrap 95% CIs, and the verdict."
+    cols = ["a", "b", "scenes", "accuracy_diff", "accuracy_diff_lo", "accuracy_diff_hi", "argmax_diff", "argmax_diff_lo", "argmax_diff_hi", "verdict"]
+    if pred is None or pred.empty: return pd.DataFrame(columns=cols)
+    s = pred[(pred["split"] == "eval") & (pred["mode"] == "direct")]
+    def per_scene(name):
+        g = s[s["model"] == name].drop_duplicates("scene_id").set_index("scene_id")
+        P = [np.asarray(p, float) / np.sum(p) for p in g["probs"]]
+        return pd.DataFrame({"p_gt": [p[int(t)] for p, t in zip(P, g["gt_pos"])],
+                             "hit": [float(np.argmax(p) == int(t)) for p, t in zip(P, g["gt_pos"])]}, index=g.index)
+    rows = []
+    for a, b in pairs:
+        if a is None or b is None or a == b: continue
+        A, B = per_scene(a), per_scene(b)
+        both = A.index.intersection(B.index)
+        if not len(both): continue
+        d = 100 * (A.loc[both].to_numpy() - B.loc[both].to_numpy())
+        (a_lo, a_hi), (h_lo, h_hi) = _boot(d[:, :1], n_boot, seed), _boot(d[:, 1:], n_boot, seed)
+        verdict = "above" if a_lo > 0 else "below" if a_hi < 0 else "not distinguishable from"
+        rows.append(dict(a=a, b=b, scenes=len(both), accuracy_diff=float(d[:, 0].mean()), accuracy_diff_lo=a_lo, accuracy_diff_hi=a_hi,
+                         argmax_diff=float(d[:, 1].mean()), argmax_diff_lo=h_lo, argmax_diff_hi=h_hi, verdict=verdict))
+    return pd.DataFrame(rows, columns=cols)
+
+
 # %% ../nbs/10_report.ipynb #2cb2a0d8
 def readout_rows(m: pd.DataFrame, readouts: list, k: int) -> pd.DataFrame:
     "Eval, direct, all-domain rows of every model that has `<model>[<readout>]` rows: its readouts side by side, with the top position's share."
@@ -333,6 +362,21 @@ This profile has {n_eval} eval scenes in all ({", ".join(f"{d}: {v.get('eval', 0
     if text:
         out.append(_section("Headline", "Accuracy % [95% CI] on eval scenes, direct mode; \"above\" / \"below\" only when the "
                             "intervals do not overlap.\n\n" + text))
+    hl = next((h for h in numbers["headline"] if h["group"] == "all"), None)
+    if hl:
+        ft = [n for n in m.loc[(m["kind"] == "fine-tuned") & (m["split"] == "eval"), "model"].unique()] if len(m) else []
+        pairs = [(n, hl["base"]) for n in ft] + [(hl["llm_only"], "popularity"), (hl["hybrid"], hl["baseline"])]
+        pr = paired_rows(art.get("predictions"), pairs, cfg.evaluate.bootstrap, cfg.seed)
+        if len(pr):
+            numbers["paired"] = pr.to_dict("records")
+            show = lambda x, c: f"{x[c]:+.1f} [{x[c + '_lo']:+.1f}, {x[c + '_hi']:+.1f}]"
+            tab = pd.DataFrame([{"a − b": f"`{x['a']}` − `{x['b']}`", "scenes": int(x["scenes"]),
+                                 "accuracy points": show(x, "accuracy_diff"), "argmax points": show(x, "argmax_diff"),
+                                 "a is (by accuracy)": x["verdict"] + " b"} for x in pr.to_dict("records")])
+            out.append(_section("Paired differences on the same scenes",
+                                "Mean per-scene difference a − b in points, bootstrap 95% CI over the scenes both scored (accuracy: "
+                                "p(truth), the expected sampled accuracy). Pairs: each fine-tuned model vs the base student, the best "
+                                "LLM-only simulator vs popularity, the hybrid vs the best baseline.\n\n" + md_table(tab)))
     # thought vs direct
     tm = m[(m.get("mode") == "thought")] if len(m) else m
     if len(tm):
