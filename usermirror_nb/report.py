@@ -453,7 +453,8 @@ This profile has {n_eval} eval scenes in all ({", ".join(f"{d}: {v.get('eval', 0
     if ds:
         numbers["distill"] = ds
         strat = ds.get("strategies", {})
-        srows = [dict(strategy=s_, sft_rows=v.get("sft_rows", v.get("sft", "—")), pref_rows=v.get("pref_rows", v.get("pref", "—")))
+        count = lambda x: str(int(x)) if isinstance(x, (int, float, np.integer, np.floating)) and np.isfinite(x) else "—"
+        srows = [dict(strategy=s_, sft_rows=count(v.get("sft_rows", v.get("sft"))), pref_rows=count(v.get("pref_rows", v.get("pref"))))
                  for s_, v in strat.items()] if isinstance(strat, dict) else []
         keys = [x for x in ("rationales_read", "scenes_scored", "dropped_no_correct", "no_correct_teacher", "no_incorrect", "kept") if x in ds]
         out.append(_section("What the models learned from", "Distillation (behaviour sampling, denoising, uncertainty ranking): " +
@@ -469,6 +470,9 @@ This profile has {n_eval} eval scenes in all ({", ".join(f"{d}: {v.get('eval', 0
                 f"({'staged: Stimulus, Knowledge, Evaluation one bounded line each' if cfg.rationales.staged else 'free generation'}); "
                 "a rationale parses when it has every stage and no failure:\n\n" + md_table(rr))
         if cp is not None and len(cp):
+            if "model" not in cp:     # stage 05 reads each role's rationales with that role's model (predictor `self`) or the predictor
+                pm = cfg.models["predictor"].model
+                cp = cp.assign(model=cp["role"].map(lambda r: cfg.models[r].model if pm == "self" else pm))
             rs, numbers["teacher_vs_student"] = role_strength(cp, cfg.evaluate.bootstrap, cfg.seed)
             d = numbers["teacher_vs_student"].get("teacher - student")
             verdict = ("" if d is None else " The teacher is " + ("stronger than" if d["accuracy_lo"] > 0 else "weaker than" if d["accuracy_hi"] < 0
