@@ -259,6 +259,43 @@ def test_resume_after_an_interruption(scenes, tmp_path):
     assert all(0 < h["loss"] < 10 for h in hist if "loss" in h)          # one letter token per example: ~ln k at the start
 
 
+# -- a history student: notes + history -> the chosen title -------------------------------------------------------
+
+def test_history_student_trains_on_notes_and_history_and_is_read_by_the_history_readout(scenes, tmp_path, tok):
+    "readout history: rows become prompt (rationale under ## Notes, then the history) + completion (the chosen title); labels = the title."
+    from usermirror_nb.llm import TransformersLLM
+    from usermirror_nb.config import LLMConfig
+    from usermirror_nb.readout import choice_distributions, history_options
+    tr = scenes[scenes.split == "train"].head(4).reset_index(drop=True)
+    df = sft_rows(tr)
+    df.at[0, "messages"] = df.messages[0][:2] + [{"role": "assistant", "content": "Stimulus: a quiet evening.\n" + df.messages[0][2]["content"]}]
+    df.at[0, "with_rationale"] = True
+    rows = ft.history_sft_rows(validate_sft(df), tr)
+    assert rows.prompt[0].startswith("## Notes\nStimulus: a quiet evening.\n## History (oldest first)\n- ") and rows.prompt[0].endswith("\n-")
+    assert rows.prompt[1].startswith("## History (oldest first)\n- ")
+    assert rows.completion.tolist() == [history_options(r)[int(r["gt_pos"])] for r in tr.to_dict("records")]
+    ds = ft.sft_dataset(rows, tok, "answer", "history")
+    for ex, c in zip(ds, rows.completion):
+        assert tok.decode([t for t, l in zip(ex["input_ids"], ex["labels"]) if l != -100]) == c
+    with pytest.raises(ValueError, match="needs `scenes`"):
+        train_sft(BASE, df, fcfg(), tmp_path / "x", readout="history")
+    um = train_sft(BASE, pd.concat([df] * 2, ignore_index=True), fcfg(sft_max_steps=3, loss_on="answer"), tmp_path / "h", seed=0,
+                   device="cpu", readout="history", scenes=tr)
+    assert um["complete"] and um["steps"] == 3 and um["readout"] == "history" and math.isfinite(um["final_loss"])
+    model, mtok = load_finetuned(tmp_path / "h")
+    llm = TransformersLLM(LLMConfig(model="h", batch_size=8), model=model, tokenizer=mtok)
+    recs = tr.to_dict("records")
+    trained = np.array([c.probs[0][int(r["gt_pos"])] for c, r in zip(choice_distributions(llm, recs, None, "history"), recs)])
+    with model.disable_adapter():
+        base = np.array([c.probs[0][int(r["gt_pos"])] for c, r in zip(choice_distributions(llm, recs, None, "history"), recs)])
+    assert trained.mean() > base.mean(), (trained, base)     # 3 steps on these very scenes raise p(chosen title)
+
+
+def test_dpo_refuses_the_history_readout_before_loading(scenes, no_model, tmp_path):
+    with pytest.raises(ValueError, match="no shared prompt"):
+        train_dpo(BASE, tmp_path / "sft", pref_rows(scenes.head(2)), fcfg(), tmp_path / "d", readout="history")
+
+
 def test_dpo_smoothed_starts_from_the_sft_policy(sft_model, scenes, tmp_path):
     "Reference = the SFT adapter: at the first step policy == reference, so the margin is 0 and the loss is log 2 for any ε."
     _, sft_dir, _ = sft_model

@@ -110,8 +110,12 @@ def test_history_readout_scores_titles_after_the_users_history_in_the_lm_corpus_
     assert lines[0] == corpus[0] and lines[-1] == "-"
     pos = [corpus.index(l) for l in lines[1:-1]]
     assert pos == sorted(pos) and len(pos) == len(recs[0]["history"])
-    with pytest.raises(ValueError, match="direct mode"):
-        choice_distributions(llm, recs[:1], [["Stimulus: x"]], "history")
+    # after a rationale: one row per body; the empty body is the direct-mode row, and the notes sit above the same history
+    body = "Evaluation: this user wants" + history_options(recs[0])[3] + " tonight."
+    two = choice_distributions(llm, recs[:1], [["", body]], "history")[0].probs
+    np.testing.assert_allclose(two[0], got[0].probs[0], atol=1e-6)
+    assert two[1][3] > two[0][3], two            # a note naming an item moves probability to it
+    assert history_prompt(recs[0], body) == "## Notes\n" + body + "\n" + history_prompt(recs[0])
 
 
 def test_lm_corpus_holds_training_users_only(ml_raw, dom, tmp_path):

@@ -135,7 +135,7 @@ class LLMConfig:
     timeout_s: float = 60.0            # openai backend: per request
     max_retries: int = 4               # openai backend: retries on 429/5xx/connection errors, with backoff
     top_logprobs: int = 20             # openai backend: alternatives asked for when reading letter probabilities
-    readout: str = "letter"            # letter (the paper's, for models that bind symbols) | letter_debiased | cloze | cloze_sum | history (direct mode only; 04a_readout)
+    readout: str = "letter"            # letter (the paper's, for models that bind symbols) | letter_debiased | cloze | cloze_sum | history (04a_readout)
     def __post_init__(self):
         _check(self.readout in READOUTS, f"readout must be one of {READOUTS}, got {self.readout!r}")
         _check(self.backend in LLM_BACKENDS, f"backend must be one of {LLM_BACKENDS}, got {self.backend!r}")

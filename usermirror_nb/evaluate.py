@@ -326,7 +326,7 @@ class Simulator:
             outs = write_rationales(self.llm, convs, 1, dataclasses.replace(self.sampling, seed=bseed), self.staged, self.field_tokens)
             texts += [o[0][0] for o in outs]
         bodies = [parse_rationale(t, int(r["choice_cnt"]), needs_behavior=not self.staged)["body"] for t, r in zip(texts, recs)]
-        readout = self.readout if reads_rationale(self.readout) else "cloze"    # shifted lists and the history prompt do not fit a written rationale
+        readout = self.readout if reads_rationale(self.readout) else "cloze"    # shifted lists do not fit a written rationale
         for i, r in enumerate(choice_distributions(self.llm, recs, [[b] for b in bodies], readout)): probs[i], mass[i] = r.probs[0], r.letter_mass[0]
         return _pred_rows(self.name, "thought", scenes, probs, mass, texts)
 

@@ -16,18 +16,18 @@ from .config import (Config, FinetuneConfig, LLMConfig, get_device, load_config,
 from .rationales import SYSTEM_PROMPT, rationale_conversation
 from .scenes import LETTERS, letters, render_scene
 from .uncertainty import CUE
-from .readout import CLOZE_CUE
+from .readout import CLOZE_CUE, history_options, history_prompt
 
 # %% auto #0
-__all__ = ['SFT_COLUMNS', 'PREF_COLUMNS', 'CHATML_GENERATION_TEMPLATE', 'EPS_SOURCES', 'LINEAR_MODULES', 'STUDY_VARIANTS',
-           'DatasetError', 'token_lengths', 'validate_sft', 'validate_pref', 'read_table', 'has_generation_markers',
-           'renders_identically', 'load_tokenizer', 'training_tokenizer', 'letter_example', 'sft_dataset',
-           'readout_answer', 'answer_example', 'rosepo_epsilon', 'rosepo_loss', 'trainer_classes', 'pref_dataset',
-           'compact_lm_head', 'qlora_memory_gb', 'num_layers', 'lora_config', 'cpu_trainable_4bit', 'load_student',
-           'sft_config', 'dpo_config', 'held_out_callback', 'stop_after', 'plot_training', 'train_sft', 'train_dpo',
-           'merge_adapter', 'load_finetuned', 'lm_sequences', 'lm_blocks', 'lm_corpus', 'train_lm', 'ensure_lm',
-           'answer_only_rows', 'restyle', 'run_finetune', 'cache_hidden', 'cached_eval', 'train_cached', 'plot_study',
-           'run_recipe_study']
+__all__ = ['SFT_COLUMNS', 'PREF_COLUMNS', 'CHATML_GENERATION_TEMPLATE', 'HISTORY_NO_DPO', 'EPS_SOURCES', 'LINEAR_MODULES',
+           'STUDY_VARIANTS', 'DatasetError', 'token_lengths', 'validate_sft', 'validate_pref', 'read_table',
+           'has_generation_markers', 'renders_identically', 'load_tokenizer', 'training_tokenizer', 'letter_example',
+           'sft_dataset', 'readout_answer', 'answer_example', 'history_sft_rows', 'history_example', 'rosepo_epsilon',
+           'rosepo_loss', 'trainer_classes', 'pref_dataset', 'compact_lm_head', 'qlora_memory_gb', 'num_layers',
+           'lora_config', 'cpu_trainable_4bit', 'load_student', 'sft_config', 'dpo_config', 'held_out_callback',
+           'stop_after', 'plot_training', 'train_sft', 'train_dpo', 'merge_adapter', 'load_finetuned', 'lm_sequences',
+           'lm_blocks', 'lm_corpus', 'train_lm', 'ensure_lm', 'answer_only_rows', 'restyle', 'run_finetune',
+           'cache_hidden', 'cached_eval', 'train_cached', 'plot_study', 'run_recipe_study']
 
 # %% ../nbs/07_finetune.ipynb #2f771c43
 class DatasetError(ValueError):
@@ -216,8 +216,11 @@ def letter_example(tokenizer, messages: list) -> dict:
     return {"input_ids": ids, "labels": labels}
 
 def sft_dataset(df: pd.DataFrame, tokenizer, loss_on: str = "assistant", readout: str = "letter"):
-    "The `datasets.Dataset` trl trains on: conversations (`assistant`) or tokenized answer-only examples (`answer`/`letter`: the letter, or the item text for a cloze student)."
+    "The `datasets.Dataset` trl trains on: conversations (`assistant`), tokenized answer-only examples (`answer`/`letter`: the letter, or the item text for a cloze student), or prompt + completion for a history student."
     from datasets import Dataset
+    if readout == "history":
+        if not {"prompt", "completion"} <= set(df.columns): raise DatasetError("a history student trains on prompt/completion columns (history_sft_rows)")
+        return Dataset.from_list([history_example(tokenizer, p, c) for p, c in zip(df["prompt"], df["completion"])])
     msgs = [_messages(m) for m in df["messages"]]
     if loss_on == "assistant": return Dataset.from_dict({"messages": msgs})
     if loss_on in ("answer", "letter"):
@@ -254,6 +257,33 @@ def answer_example(tokenizer, messages: list) -> dict:
     if all(l == -100 for l in labels): raise DatasetError(f"the answer after {CLOZE_CUE!r} in {content[-60:]!r} has no tokens")
     return {"input_ids": ids, "labels": labels}
 
+
+# %% ../nbs/07_finetune.ipynb #9994744a
+HISTORY_NO_DPO = ("DPO with the history readout: chosen and rejected differ in their rationale, which a history student reads in "
+                  "the prompt (notes above the history), so a pair has no shared prompt; use readout cloze or letter for DPO/RosePO")
+
+def history_sft_rows(df: pd.DataFrame,      # a validated SFT table (messages ending with `Behavior: [X]`, behavior_pos)
+                     scenes: pd.DataFrame,  # the scenes the rows come from (scene_id, history, exposure_texts, choice_cnt)
+                     source: str = "sft") -> pd.DataFrame:
+    "The table with `prompt` (notes + history, 04a's `history_prompt`) and `completion` (the chosen item's title) columns for a history student."
+    by = {str(s["scene_id"]): s for s in scenes.to_dict("records")}
+    prompts, comps = [], []
+    for i, r in enumerate(df.to_dict("records")):
+        s = by.get(str(r["scene_id"]))
+        if s is None: raise DatasetError(f"{_where(source, i, r, 'scene_id')}: not in the scenes given, so its history prompt cannot be built")
+        content = r["messages"][-1]["content"]
+        m = _BEHAVIOR_END.search(content)
+        if not m: raise DatasetError(f"{_where(source, i, r, 'messages')}: the assistant turn must end with 'Behavior: [X]'; it ends ...{content[-40:]!r}")
+        prompts.append(history_prompt(s, content[:m.start()]))
+        comps.append(history_options(s)[int(r["behavior_pos"])])
+    return df.assign(prompt=prompts, completion=comps)
+
+def history_example(tokenizer, prompt: str, completion: str) -> dict:
+    "`input_ids` of prompt + completion (each tokenised on its own, as the readout scores them) and `labels` on the completion only."
+    p = tokenizer(prompt, add_special_tokens=False).input_ids
+    c = tokenizer(completion, add_special_tokens=False).input_ids
+    if not c: raise DatasetError(f"the completion {completion!r} has no tokens")
+    return {"input_ids": p + c, "labels": [-100] * len(p) + c}
 
 # %% ../nbs/07_finetune.ipynb #88b665be
 EPS_SOURCES = ("chosen_prob", "chosen_entropy")
@@ -616,6 +646,7 @@ def train_sft(base_model: str,                 # the student (registry name, fol
               source: str = "sft",             # where the data came from (error messages)
               compact_head: bool = True,       # CPU: score only labelled positions (False = trl's head, for benchmarks)
               readout: str = "letter",         # the student's readout: a cloze student learns to write the item text
+              scenes: pd.DataFrame | None = None,  # the train scenes, for a history student (its prompts are built from them)
               **args_overrides,                # SFTConfig fields
              ) -> dict:
     "Train (or resume, or reuse) one SFT model with trl's SFTTrainer; returns its usermirror.json (or complete=False if stopped early)."
@@ -623,16 +654,21 @@ def train_sft(base_model: str,                 # the student (registry name, fol
     device = device or get_device()
     tok = load_tokenizer(base_model, cache_dir)
     df = validate_sft(_frame(train_ds), source, tok, fcfg.max_length)            # before any model is loaded
-    df["messages"] = [m[:-1] + [{"role": "assistant", "content": readout_answer(m[-1]["content"], m[-2]["content"], readout, _where(source, i, r, "messages"))}]
-                      for i, (m, r) in enumerate(zip(df["messages"], df.to_dict("records")))]
+    if readout == "history":
+        if scenes is None: raise ValueError("train_sft: a history student needs `scenes` (scenes/train.parquet) to build its prompts")
+        df = history_sft_rows(df, scenes, source)
+    else:
+        df["messages"] = [m[:-1] + [{"role": "assistant", "content": readout_answer(m[-1]["content"], m[-2]["content"], readout, _where(source, i, r, "messages"))}]
+                          for i, (m, r) in enumerate(zip(df["messages"], df.to_dict("records")))]
     info = {"name": name or out_dir.name, "base_model": str(base_model), "run": "sft", "strategy": None, "style": None,
             "method": fcfg.method, "loss_on": fcfg.loss_on, "readout": readout, "train_examples": len(df),
             "with_rationale": int(df["with_rationale"].astype(bool).sum()), "seed": seed, "device": device, **(meta or {})}
     spec = {"finetune": dataclasses.asdict(fcfg), "base_model": str(base_model), "seed": seed, "run": "sft", "overrides": args_overrides,
-            "data": _fingerprint([m for m in df["messages"]]), "eval_every": eval_every}
+            "data": _fingerprint([m for m in df["messages"]] if readout != "history" else [df["prompt"].tolist(), df["completion"].tolist()]),
+            "eval_every": eval_every}
     info["fingerprint"] = fp = _fingerprint(spec)
     if (done := _finished(out_dir, fp)) is not None: return done
-    tt = training_tokenizer(tok) if fcfg.loss_on == "assistant" else tok    # letter labels come from the ids alone
+    tt = training_tokenizer(tok) if fcfg.loss_on == "assistant" and readout != "history" else tok    # letter labels come from the ids alone
     ds = sft_dataset(df, tt, fcfg.loss_on, readout)
     args = sft_config(fcfg, out_dir / "checkpoints", device, seed, **args_overrides)
     lcfg = None if fcfg.method == "full" else lora_config(fcfg, num_layers(base_model, cache_dir) if fcfg.lora_layers else None)
@@ -661,6 +697,7 @@ def train_dpo(base_model: str,
               **args_overrides) -> dict:
     "Train (or resume, or reuse) DPO / RosePO from the SFT model with trl's DPOTrainer; returns its usermirror.json."
     from trl import DPOTrainer
+    if readout == "history": raise ValueError(HISTORY_NO_DPO)
     out_dir, sft_dir = Path(out_dir), Path(sft_dir)
     device = device or get_device()
     tok = load_tokenizer(base_model, cache_dir)
@@ -871,6 +908,10 @@ def run_finetune(cfg: Config) -> Path:
     base, cache = cfg.models["student"].model, cfg.assets.cache_path
     device = get_device(cfg.models["student"].device)
     readout = cfg.models["student"].readout
+    scenes = None
+    if readout == "history":                   # a history student's prompts are built from the scenes (history_sft_rows)
+        from usermirror_nb.scenes import load_scenes
+        scenes = load_scenes(cfg, "train").to_pandas()
     models = []
     if "lm" in fcfg.runs:                      # every later run starts from the domain-trained student
         lm_dir = ensure_lm(cfg)
@@ -888,7 +929,8 @@ def run_finetune(cfg: Config) -> Path:
     pref_path = dist / "uncertainty" / "pref.parquet"
     pref = read_table(pref_path) if pref_path.exists() else None
     for run in [r for r in ("dpo", "dpo_smoothed") if r in fcfg.runs]:
-        if pref is None or len(pref) == 0:
+        if readout == "history": skipped.append({"name": run, "reason": HISTORY_NO_DPO})
+        elif pref is None or len(pref) == 0:
             skipped.append({"name": run, "reason": f"{pref_path} has no preference pairs" if pref is not None else f"{pref_path} does not exist"})
         else: jobs.append(dict(name=run, kind=run, data=pref, source=str(pref_path)))
     if fcfg.ablation:
@@ -910,7 +952,7 @@ def run_finetune(cfg: Config) -> Path:
         print(f"finetune: {j['name']} ({len(j['data'])} examples)", flush=True)
         if j["kind"] == "sft":
             um = train_sft(base, j["data"], fcfg, out / j["name"], cache, cfg.seed, device=device, name=j["name"], meta=j["meta"], source=j["source"],
-                           readout=readout)
+                           readout=readout, scenes=scenes)
         else:
             um = train_dpo(base, out / "sft", j["data"], fcfg, out / j["name"], smoothed=j["kind"] == "dpo_smoothed", cache_dir=cache,
                            seed=cfg.seed, device=device, name=j["name"], source=j["source"], readout=readout)

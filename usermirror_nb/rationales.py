@@ -17,8 +17,8 @@ from .scenes import LETTERS, letters, load_scenes
 # %% auto #0
 __all__ = ['SYSTEM_PROMPT', 'EKB_INSTRUCTIONS', 'ASSISTANT_PREFIX', 'STOP_REGEX', 'STAGE_NAMES', 'STYLES', 'FAILURE_KINDS',
            'ECHO_MARKERS', 'rationale_conversation', 'answer_forms', 'parse_rationale', 'read_jsonl', 'append_jsonl',
-           'reparse', 'write_rationales', 'generate_rationales', 'failure_counts', 'select_scenes', 'role_config',
-           'run_rationales', 'load_rationales']
+           'reparse', 'write_rationales', 'generate_rationales', 'failure_counts', 'grounding', 'select_scenes',
+           'role_config', 'run_rationales', 'load_rationales']
 
 # %% ../nbs/04_rationales.ipynb #8b20c687
 SYSTEM_PROMPT = ("You simulate a real user of a recommender system. You read who the user is, what they "
@@ -188,6 +188,30 @@ def failure_counts(records: list[dict]) -> dict:
                      "stated_hit_rate": float(np.mean([r["stated_hit"] for r in rs])) if rs else float("nan")}
     return out
 
+# %% ../nbs/04_rationales.ipynb #87df6815
+def _bare_title(text) -> str:
+    "An item's title without its genres and year, lower-cased: `Fargo (1996) — genres: …` -> `fargo`."
+    t = str(text).split(" — ")[0].strip()
+    return re.sub(r"\s*\(\d{4}\)$", "", t).strip().lower()
+
+def grounding(records: list[dict],  # stage-04 records (role, scene_id, text)
+              scenes: list[dict],   # the scenes they were written for (scene_id, exposure_texts, gt_pos)
+              min_chars: int = 4) -> dict:
+    "Per role: the share of rationales naming any exposure item's title, and the share naming the ground-truth item's."
+    by = {str(s["scene_id"]): s for s in scenes}
+    out = {}
+    for role in sorted({r["role"] for r in records}):
+        any_, gt = [], []
+        for r in (x for x in records if x["role"] == role):
+            s = by.get(str(r["scene_id"]))
+            if s is None: raise KeyError(f"grounding: rationale for scene {r['scene_id']!r} has no scene")
+            text, titles = str(r["text"]).lower(), [_bare_title(t) for t in s["exposure_texts"]]
+            hit = [len(t) >= min_chars and t in text for t in titles]
+            any_.append(any(hit)); gt.append(hit[int(s["gt_pos"])])
+        out[role] = {"names_an_item": float(np.mean(any_)) if any_ else float("nan"),
+                     "names_the_truth": float(np.mean(gt)) if gt else float("nan"), "n": len(any_)}
+    return out
+
 # %% ../nbs/04_rationales.ipynb #4b3c7470
 def select_scenes(cfg: Config) -> list[dict]:
     "The seeded sample of training scenes that get rationales (`scenes_per_domain` per domain; 0 = all)."
@@ -232,7 +256,7 @@ def run_rationales(cfg: Config) -> Path:
     from datasets import Dataset
     with atomic_path(out / "rationales.parquet") as t:
         Dataset.from_pandas(pd.DataFrame(recs), preserve_index=False).to_parquet(str(t))
-    summary = {"scenes": len(scenes), "n": rc.n, "per_role": failure_counts(recs), "timing": timing}
+    summary = {"scenes": len(scenes), "n": rc.n, "per_role": failure_counts(recs), "grounding": grounding(recs, scenes), "timing": timing}
     write_json(out / "summary.json", summary)
     record_stage(cfg, "rationales", "done", out / "rationales.parquet", time.time() - t0,
                  {r: v["total"] for r, v in summary["per_role"].items()})

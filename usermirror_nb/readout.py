@@ -12,9 +12,9 @@ from .rationales import rationale_conversation
 from .scenes import render_scene
 
 # %% auto #0
-__all__ = ['LETTER_CUE', 'CLOZE_CUE', 'HISTORY_HEADER', 'check_readout', 'reads_rationale', 'assistant_text', 'option_texts',
-           'cloze_distribution', 'item_title', 'history_prompt', 'history_options', 'shifted_scene', 'unshift',
-           'choice_distributions']
+__all__ = ['LETTER_CUE', 'CLOZE_CUE', 'HISTORY_HEADER', 'NOTES_HEADER', 'check_readout', 'reads_rationale', 'assistant_text',
+           'option_texts', 'cloze_distribution', 'item_title', 'history_prompt', 'history_options', 'shifted_scene',
+           'unshift', 'choice_distributions']
 
 # %% ../nbs/04a_readout.ipynb #f28b8453
 LETTER_CUE = "Behavior: ["     # the letter is the next token
@@ -25,14 +25,14 @@ def check_readout(readout: str) -> str:
     return readout
 
 def reads_rationale(readout: str) -> bool:
-    "Whether `readout` can read a choice after a written rationale (letter and cloze can; the debiased letter and history cannot)."
-    return check_readout(readout) in ("letter", "cloze", "cloze_sum")
+    "Whether `readout` can read a choice after a written rationale (letter, cloze and history can; the debiased letter cannot)."
+    return check_readout(readout) in ("letter", "cloze", "cloze_sum", "history")
 
 def assistant_text(body: str,      # the rationale body ("" in direct mode)
                    readout: str,   # one of READOUTS
                   ) -> str:
     "The assistant-turn text the readout scores after: the rationale body (if any), then the behaviour cue."
-    if check_readout(readout) == "history": raise ValueError("readout 'history' scores item titles after the user's history, not after an assistant turn")
+    if check_readout(readout) == "history": raise ValueError("readout 'history' scores item titles after the user's history, not after an assistant turn (history_prompt takes the rationale)")
     cue = LETTER_CUE if readout.startswith("letter") else CLOZE_CUE
     return (body.rstrip() + "\n" + cue) if body and body.strip() else cue
 
@@ -60,15 +60,17 @@ def cloze_distribution(scores,              # (k, 2) or (m, k, 2): [summed log-p
 
 # %% ../nbs/04a_readout.ipynb #dedc6137
 HISTORY_HEADER = "## History (oldest first)\n"     # the lm corpus's header (07_finetune.lm_sequences)
+NOTES_HEADER = "## Notes\n"                         # a rationale, when there is one, goes above the history
 
 def item_title(text) -> str:
     "An item's text up to its first ` — ` (the title, as in the lm corpus with `lm_line: title`)."
     return str(text).split(" — ")[0].strip()
 
-def history_prompt(scene: dict) -> str:
-    "The completion prompt of the history readout: the header, one `- <title>` line per history item (oldest first), then `-`."
+def history_prompt(scene: dict, body: str = "") -> str:
+    "The completion prompt of the history readout: the rationale under `## Notes` (if any), the header, one `- <title>` line per history item (oldest first), then `-`."
     hist = list(scene.get("history") if scene.get("history") is not None else [])
-    return HISTORY_HEADER + "".join(f"- {item_title(h)}\n" for h in hist) + "-"
+    notes = NOTES_HEADER + body.strip() + "\n" if body and body.strip() else ""
+    return notes + HISTORY_HEADER + "".join(f"- {item_title(h)}\n" for h in hist) + "-"
 
 def history_options(scene: dict) -> list[str]:
     "The k continuations of the history readout: each exposure item's title after one space."
@@ -128,14 +130,16 @@ def _cloze(llm, scenes, bodies, readout):
     return [ChoiceProbs(np.stack(r), np.full(len(r), np.nan)) for r in rows]
 
 def _history(llm, scenes, bodies):
-    if any(b.strip() for bs in bodies for b in bs):
-        raise ValueError("readout 'history' scores item titles after the user's history and reads no rationale: use it in direct "
-                         "mode (no rationale), or use 'cloze' or 'letter' after rationales")
     if not hasattr(llm, "option_logprobs"):
         raise LLMError(f"readout 'history' scores each item's title as a continuation, which {type(llm).__name__} cannot do "
                        "(it needs the local transformers backend); use readout 'letter' with this backend")
-    res = llm.option_logprobs([history_prompt(s) for s in scenes], [history_options(s) for s in scenes])
-    return [ChoiceProbs(cloze_distribution(r)[None, :], np.array([np.nan])) for r in res]
+    prompts, opts, owner = [], [], []
+    for i, (s, bs) in enumerate(zip(scenes, bodies)):
+        o = history_options(s)
+        for b in bs: prompts.append(history_prompt(s, b)); opts.append(o); owner.append(i)
+    rows = [[] for _ in scenes]
+    for i, r in zip(owner, llm.option_logprobs(prompts, opts)): rows[i].append(cloze_distribution(r))
+    return [ChoiceProbs(np.stack(r), np.full(len(r), np.nan)) for r in rows]
 
 def choice_distributions(llm,                        # a usermirror_nb.llm backend
                          scenes: list[dict],         # scene records (scene_text, choice_cnt, exposure_texts, ...)

@@ -241,11 +241,13 @@ def role_strength(cp: pd.DataFrame,    # stage 05's choice_probs rows: scene_id,
 
 def rationale_rows(summary: dict) -> pd.DataFrame:
     "Per role from stage 04's summary: rationales written, parsed (no failure) with %, and each failure kind that occurred."
-    rows = []
+    rows, gr = [], (summary or {}).get("grounding", {})
     for role, v in (summary or {}).get("per_role", {}).items():
         fails = ", ".join(f"{k} {n}" for k, n in v.get("failures", {}).items() if n) or "none"
+        g = gr.get(role, {})
         rows.append({"role": role, "written": v["total"], "parsed": v["valid"], "parsed %": pct(v["valid"] / v["total"]) if v["total"] else "—",
-                     "failures": fails})
+                     "names an exposure item %": pct(g["names_an_item"]) if "names_an_item" in g else "—",
+                     "names the truth %": pct(g["names_the_truth"]) if "names_the_truth" in g else "—", "failures": fails})
     return pd.DataFrame(rows)
 
 # %% ../nbs/10_report.ipynb #d5771f6e
@@ -366,6 +368,8 @@ This profile has {n_eval} eval scenes in all ({", ".join(f"{d}: {v.get('eval', 0
     if hl:
         ft = [n for n in m.loc[(m["kind"] == "fine-tuned") & (m["split"] == "eval"), "model"].unique()] if len(m) else []
         pairs = [(n, hl["base"]) for n in ft] + [(hl["llm_only"], "popularity"), (hl["hybrid"], hl["baseline"])]
+        pairs += [("sft", "lm")] * ("sft" in ft and "lm" in ft)           # does SFT add anything to domain training?
+        pairs += [("sft", n) for n in ft if n.startswith("sft_") and n not in ("sft_plain", "sft_evidence")]   # the selection ablation
         pr = paired_rows(art.get("predictions"), pairs, cfg.evaluate.bootstrap, cfg.seed)
         if len(pr):
             numbers["paired"] = pr.to_dict("records")
@@ -376,7 +380,8 @@ This profile has {n_eval} eval scenes in all ({", ".join(f"{d}: {v.get('eval', 0
             out.append(_section("Paired differences on the same scenes",
                                 "Mean per-scene difference a − b in points, bootstrap 95% CI over the scenes both scored (accuracy: "
                                 "p(truth), the expected sampled accuracy). Pairs: each fine-tuned model vs the base student, the best "
-                                "LLM-only simulator vs popularity, the hybrid vs the best baseline.\n\n" + md_table(tab)))
+                                "LLM-only simulator vs popularity, the hybrid vs the best baseline, `sft` vs `lm` (what SFT adds), and `sft` (uncertainty "
+                                "selection) vs each ablation model.\n\n" + md_table(tab)))
     # thought vs direct
     tm = m[(m.get("mode") == "thought")] if len(m) else m
     if len(tm):
