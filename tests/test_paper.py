@@ -150,3 +150,27 @@ def test_the_paper_runs_export_cells_and_the_stage_not_the_demos(env):
     s = run_paper(prof, "", stages="config", nbs_dir=nbs, demos=True)
     assert s["failed"] == ["config"] and "RuntimeError: a demo ran" in s["stages"][0]["note"]
     assert main(["--profile", str(prof), "--stages", "config", "--nbs-dir", str(nbs), "--demos"]) == 1
+
+
+def test_a_planted_key_never_reaches_the_results_or_the_log(env, monkeypatch):
+    "A stage that prints the key, writes it into a results file and raises with it: every file and the streamed log hold `<secret $NAME>`."
+    import io, logging
+    prof, nbs, out = env
+    key = "sk-planted-" + "9f8e7d6c5b4a" * 3
+    monkeypatch.setenv("UM_PLANTED_KEY", key)
+    p = yaml.safe_load(prof.read_text())
+    p["models"] = {"teacher": {"backend": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "served", "api_key_env": "UM_PLANTED_KEY"}}
+    prof.write_text(yaml.safe_dump(p))
+    make_nb(nbs, "00_config.ipynb", HEAD + "import os\nk = os.environ['UM_PLANTED_KEY']\nprint('server said: bad key', k)\n"
+            "(cfg.results_dir / 'echo.jsonl').write_text('{\"request\": \"Bearer ' + k + '\"}')\n"
+            "raise RuntimeError('401 for key ' + k)")
+    stream = io.StringIO(); h = logging.StreamHandler(stream)
+    log = logging.getLogger("papermill"); log.addHandler(h); monkeypatch.setattr(log, "level", logging.INFO)
+    try: s = run_paper(str(prof), stages="config", nbs_dir=nbs)
+    finally: log.removeHandler(h)
+    assert s["stages"][0]["status"] == "failed" and "<secret $UM_PLANTED_KEY>" in s["stages"][0]["note"]
+    files = [f for f in out.rglob("*") if f.is_file()]
+    assert {"echo.jsonl", "00_config.ipynb", "run_summary.json", "RUN_SUMMARY.md"} <= {f.name for f in files}
+    for f in files: assert key.encode() not in f.read_bytes(), f
+    assert "<secret $UM_PLANTED_KEY>" in (out / "echo.jsonl").read_text()
+    assert key not in stream.getvalue() and "server said: bad key <secret $UM_PLANTED_KEY>" in stream.getvalue()

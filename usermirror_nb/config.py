@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_config.ipynb #9258afab
 from __future__ import annotations
-import contextlib, dataclasses, hashlib, json, os, platform, random, shutil, sys, tempfile, time
+import contextlib, dataclasses, hashlib, json, os, platform, random, re, shutil, sys, tempfile, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Any
@@ -15,11 +15,11 @@ import yaml
 # %% auto #0
 __all__ = ['DOMAIN_SOURCES', 'SCENE_STYLES', 'SAMPLERS', 'LLM_BACKENDS', 'ROLES', 'READOUTS', 'SELF', 'LM_MODEL',
            'DISTILL_STRATEGIES', 'FINETUNE_METHODS', 'FINETUNE_RUNS', 'EVAL_MODES', 'STAGES', 'PACKAGES', 'ConfigError',
-           'project_root', 'default_cache_dir', 'AssetsConfig', 'DomainConfig', 'ScenesConfig', 'LLMConfig',
-           'RationalesConfig', 'default_models', 'DistillConfig', 'FinetuneConfig', 'EvaluateConfig', 'BaselinesConfig',
-           'Config', 'config_from_dict', 'parse_overrides', 'load_config', 'seed_everything', 'get_device',
-           'cpu_has_bf16', 'resolve_dtype', 'atomic_path', 'write_json', 'record_stage', 'stage_not_implemented',
-           'package_versions', 'run_config']
+           'project_root', 'default_cache_dir', 'AssetsConfig', 'DomainConfig', 'ScenesConfig', 'env_name_ok',
+           'LLMConfig', 'RationalesConfig', 'default_models', 'DistillConfig', 'FinetuneConfig', 'EvaluateConfig',
+           'BaselinesConfig', 'Config', 'config_from_dict', 'parse_overrides', 'load_config', 'seed_everything',
+           'get_device', 'cpu_has_bf16', 'resolve_dtype', 'atomic_path', 'write_json', 'record_stage',
+           'stage_not_implemented', 'package_versions', 'run_config']
 
 # %% ../nbs/00_config.ipynb #7c173803
 class ConfigError(ValueError):
@@ -117,6 +117,11 @@ class ScenesConfig:
 # %% ../nbs/00_config.ipynb #4e4cb868
 LLM_BACKENDS = ("transformers", "openai", "vllm")
 ROLES = ("teacher", "student", "predictor")
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")
+
+def env_name_ok(name: str) -> bool:
+    "Whether `name` looks like an environment variable's NAME, not a key: upper case, digits and _, <= 64 characters, < 8 digits."
+    return isinstance(name, str) and bool(_ENV_NAME.fullmatch(name)) and sum(c.isdigit() for c in name) < 8
 READOUTS = ("letter", "letter_debiased", "cloze", "cloze_sum", "history")   # how a choice is read from a model (04a_readout)
 SELF = "self"           # models.predictor.model: each role's rationales are scored by that role's own model
 LM_MODEL = "lm"         # a role's model: the domain-trained student (07_finetune's `lm` run), trained on first use
@@ -144,8 +149,10 @@ class LLMConfig:
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         _check(isinstance(self.model, str) and bool(self.model), "model must be a non-empty string")
         if self.backend == "openai": _check(bool(self.base_url), "base_url is required for the openai backend")
-        _check(not self.api_key_env or self.api_key_env.replace("_", "").isalnum(),
-               "api_key_env must be the NAME of an environment variable (e.g. OPENAI_API_KEY), never the key")
+        _check(not self.api_key_env or env_name_ok(self.api_key_env),
+               f"api_key_env must be the NAME of an environment variable (upper-case letters, digits and _, at most 64 characters, "
+               f"fewer than 8 digits, e.g. OPENAI_API_KEY), never the key; the value given ({len(self.api_key_env)} characters) is "
+               "not shown in case it is the key itself")
         for k in ("batch_size", "max_concurrency", "top_logprobs"):
             _check(isinstance(getattr(self, k), int) and getattr(self, k) >= 1, f"{k} must be an int >= 1")
         _check(isinstance(self.max_retries, int) and self.max_retries >= 0, "max_retries must be an int >= 0")

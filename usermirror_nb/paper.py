@@ -4,13 +4,13 @@
 
 # %% ../nbs/90_paper.ipynb #13c9a970
 from __future__ import annotations
-import argparse, json, logging, re, sys, time
+import argparse, json, logging, os, re, sys, time
 from pathlib import Path
 
 from .config import STAGES, ConfigError, load_config, project_root, write_json
 
 # %% auto #0
-__all__ = ['STAGE_NOTEBOOKS', 'paper_notebook', 'run_paper', 'main']
+__all__ = ['STAGE_NOTEBOOKS', 'SCRUB_SUFFIXES', 'paper_notebook', 'secret_values', 'scrub', 'scrub_tree', 'run_paper', 'main']
 
 # %% ../nbs/90_paper.ipynb #76bcecda
 STAGE_NOTEBOOKS = [("config", "00_config.ipynb"), ("assets", "01_assets.ipynb"), ("scenes", "02_scenes.ipynb"),
@@ -94,6 +94,40 @@ def paper_notebook(path: str | Path,      # a stage notebook
     nb.cells = [c for i, c in enumerate(nb.cells) if c.cell_type != "code" or i >= par or _is_export(c.source)]
     return nb
 
+# %% ../nbs/90_paper.ipynb #a4461227
+SCRUB_SUFFIXES = (".ipynb", ".json", ".jsonl", ".md", ".txt", ".csv", ".log", ".yaml", ".html")
+
+def secret_values(cfg) -> dict:
+    "{NAME: value} for each environment variable a model role names in `api_key_env` that is set (values of 8+ characters)."
+    out = {}
+    for m in cfg.models.values():
+        v = os.environ.get(m.api_key_env, "") if m.api_key_env else ""
+        if len(v) >= 8: out[m.api_key_env] = v
+    return out
+
+def scrub(text: str, secrets: dict) -> str:
+    "`text` with every secret value replaced by `<secret $NAME>`."
+    for name, v in secrets.items(): text = text.replace(v, f"<secret ${name}>")
+    return text
+
+def scrub_tree(folder: Path, secrets: dict, max_bytes: int = 200_000_000) -> list:
+    "Rewrite every text file under `folder` that holds a secret; returns the files changed."
+    changed = []
+    if not secrets or not Path(folder).exists(): return changed
+    for p in sorted(Path(folder).rglob("*")):
+        if not p.is_file() or p.suffix not in SCRUB_SUFFIXES or p.stat().st_size > max_bytes: continue
+        t = p.read_text(errors="surrogateescape")
+        if any(v in t for v in secrets.values()):
+            p.write_text(scrub(t, secrets), errors="surrogateescape"); changed.append(p)
+    return changed
+
+class _ScrubLog(logging.Filter):
+    "A logging filter that scrubs secrets from each record (papermill streams the notebooks' output through the log)."
+    def __init__(self, secrets: dict): super().__init__(); self.secrets = secrets
+    def filter(self, record):
+        record.msg, record.args = scrub(record.getMessage(), self.secrets), ()
+        return True
+
 # %% ../nbs/90_paper.ipynb #2df2b960
 def _short(s, n: int = 300) -> str:
     s = " ".join(str(s).split())
@@ -123,6 +157,10 @@ def run_paper(profile: str = "quick",   # `configs/<profile>.yaml`, or a path to
     prof = str(Path(profile).resolve()) if Path(str(profile)).suffix in (".yaml", ".yml") else str(profile)
     summary = dict(profile=cfg.profile, overrides=overrides or "", config_hash=cfg.hash(), source=cfg.source, kernel=kernel,
                    results_dir=str(out_dir), started_at=time.strftime("%Y-%m-%dT%H:%M:%S"), seconds=0.0, stages=[])
+    secrets = secret_values(cfg)
+    log_filter = _ScrubLog(secrets)
+    handlers = logging.getLogger("papermill").handlers + logging.getLogger().handlers
+    for h in handlers: h.addFilter(log_filter)
     t_all, failed = time.time(), False
     for stage, name in STAGE_NOTEBOOKS:
         if stage not in selected: continue
@@ -143,6 +181,8 @@ def run_paper(profile: str = "quick",   # `configs/<profile>.yaml`, or a path to
                 row.update(status="failed", note=_short(f"{type(e).__name__}: {e}"))
             row["seconds"] = round(time.time() - t0, 1)
         row["artifact"] = _rel(row.get("artifact"), root)
+        row["note"] = scrub(row["note"], secrets)
+        scrub_tree(out_dir, secrets)
         failed = failed or row["status"] == "failed"
         summary["stages"].append(row)
         summary.update(seconds=round(time.time() - t_all, 1), line=_summary_line(summary["stages"]))
@@ -150,6 +190,7 @@ def run_paper(profile: str = "quick",   # `configs/<profile>.yaml`, or a path to
     for st, key in [("done", "ran"), ("not implemented", "not_implemented"), ("failed", "failed"), ("skipped", "skipped")]:
         summary[key] = [r["stage"] for r in summary["stages"] if r["status"] == st]
     _write_summary(summary, out_dir)
+    for h in handlers: h.removeFilter(log_filter)
     print("\n" + _summary_table(summary["stages"]) + "\n\n" + summary["line"], flush=True)
     return summary
 
