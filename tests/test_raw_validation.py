@@ -134,3 +134,9 @@ def test_failed_write_keeps_older_folder(tmp_path):
     back = load_raw(out)
     pd.testing.assert_frame_equal(back.interactions, good.interactions)
     assert json.loads((out / "domain.json").read_text())["counts"] == {"users": 2, "items": 1, "interactions": 2}
+
+
+def test_empty_feedback_says_empty_without_a_numpy_repr(tmp_path):
+    e = refused(tmp_path, "interactions.csv", "feedback", 2,
+                inter="user_id,item_id,feedback,timestamp\nu1,i1,5,1\nu2,i2,,2\nu3,i3,4,3\n")
+    assert "feedback is empty" in str(e) and "np.float64" not in str(e) and "nan" not in str(e)

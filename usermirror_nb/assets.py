@@ -302,7 +302,8 @@ def validate_raw(tables: RawTables | dict,   # RawTables, or a dict with users/i
                   f"({int(unknown.sum())} such rows)")
     fb = pd.to_numeric(inter["feedback"], errors="coerce").astype("float64")
     if fb.isna().any():
-        i = _first(fb.isna()); _fail(files, "interactions", "feedback", row(i), f"feedback {inter['feedback'].iloc[i]!r} is not a number")
+        i = _first(fb.isna()); v = inter["feedback"].iloc[i]
+        _fail(files, "interactions", "feedback", row(i), "feedback is empty" if pd.isna(v) else f"feedback {str(v)!r} is not a number")
     inter["feedback"] = fb
     if "timestamp" in inter.columns:
         ts, bad = _to_unix(inter["timestamp"])

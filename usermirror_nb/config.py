@@ -405,7 +405,9 @@ def load_config(profile: str | Path = "quick", overrides: str | dict | None = No
     "Read `configs/<profile>.yaml` (or a YAML path), apply `overrides`, validate."
     p = Path(profile)
     if p.suffix not in (".yaml", ".yml"): p = project_root() / "configs" / f"{profile}.yaml"
-    if not p.exists(): raise ConfigError(f"profile {profile!r}: no file {p}")
+    if not p.exists():
+        have = sorted(q.stem for q in (project_root() / "configs").glob("*.yaml"))
+        raise ConfigError(f"profile {profile!r}: no file {p}; the profiles in {project_root() / 'configs'} are {have or 'none'}")
     try: d = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e: raise ConfigError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(d, dict): raise ConfigError(f"{p}: the top level must be a mapping")
