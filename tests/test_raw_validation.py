@@ -140,3 +140,19 @@ def test_empty_feedback_says_empty_without_a_numpy_repr(tmp_path):
     e = refused(tmp_path, "interactions.csv", "feedback", 2,
                 inter="user_id,item_id,feedback,timestamp\nu1,i1,5,1\nu2,i2,,2\nu3,i3,4,3\n")
     assert "feedback is empty" in str(e) and "np.float64" not in str(e) and "nan" not in str(e)
+
+
+def test_negative_interaction_timestamp_is_refused(tmp_path):
+    e = refused(tmp_path, "interactions.csv", "timestamp", 2,
+                inter="user_id,item_id,feedback,timestamp\nu1,i1,5,881250949\nu2,i2,3,-975000000\nu3,i3,4,3\n")
+    assert "before 1970-01-01" in str(e)
+
+
+def test_release_years_are_read_as_years_not_seconds(tmp_path):
+    "A `year` column mapped to release_time (1995, 2001) is 1 January of that year, not 1995 seconds after 1970."
+    t = load_domain(domain(tmp_path, items="item_id,title,year\ni1,Alpha,1995\ni2,Beta,\ni3,Gamma,2001\n",
+                           columns={"items": {"year": "release_time"}}))
+    assert t.items.release_time.tolist()[0] == 788918400.0 and t.items.release_time.tolist()[2] == 978307200.0
+    assert pd.isna(t.items.release_time.tolist()[1]) and t.meta["release_time_read_as"] == "years"
+    plain = load_domain(domain(tmp_path))                     # ISO dates and 0 stay seconds
+    assert plain.items.release_time.tolist()[2] == 0.0 and "release_time_read_as" not in plain.meta

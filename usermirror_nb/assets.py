@@ -284,11 +284,15 @@ def validate_raw(tables: RawTables | dict,   # RawTables, or a dict with users/i
     if items["title"].isna().any():
         i = _first(items["title"].isna()); _fail(files, "items", "title", i + 1, "empty title")
     items["title"] = items["title"].astype("str")
+    read_as = {}
     if "release_time" in items.columns:
         items["release_time"], bad = _to_unix(items["release_time"])
         if bad.any():
             i = _first(bad); _fail(files, "items", "release_time", i + 1,
                                    f"{dfs['items']['release_time'].iloc[i]!r} is neither a number (unix seconds) nor an ISO date")
+        rt = items["release_time"].dropna()
+        if len(rt) and rt.between(1000, 2200).all() and (rt == rt.round()).all():   # years, not seconds after 1970 (00:16-00:36 on 1 Jan 1970)
+            items["release_time"] = _year_to_unix(items["release_time"]); read_as = {"release_time_read_as": "years"}
     else: items["release_time"] = np.nan
     if "seq" not in inter.columns: inter["seq"] = np.arange(len(inter), dtype="int64")
     inter["seq"] = pd.to_numeric(inter["seq"]).astype("int64")
@@ -310,12 +314,16 @@ def validate_raw(tables: RawTables | dict,   # RawTables, or a dict with users/i
         if bad.any():
             i = _first(bad); _fail(files, "interactions", "timestamp", row(i),
                                    f"{inter['timestamp'].iloc[i]!r} is neither a number (unix seconds) nor an ISO date/time")
+        if (ts < 0).any():
+            i = _first(ts < 0); _fail(files, "interactions", "timestamp", row(i),
+                                      f"{inter['timestamp'].iloc[i]!r} is before 1970-01-01 (negative unix seconds); interaction times are unix "
+                                      "seconds or ISO dates from 1970 on")
         inter["timestamp"] = ts
     else: inter["timestamp"] = np.nan
     order = lambda df, first: df[first + [c for c in df.columns if c not in first]]
     users, items = order(users, ["user_id"]), order(items, ["item_id", "title", "release_time"])
     inter = order(inter, ["user_id", "item_id", "feedback", "timestamp", "seq"])
-    meta = {**tables.meta, "has_timestamps": bool(inter["timestamp"].notna().any()),
+    meta = {**tables.meta, **read_as, "has_timestamps": bool(inter["timestamp"].notna().any()),
             "feedback_min": float(fb.min()), "feedback_max": float(fb.max()),
             "counts": {"users": len(users), "items": len(items), "interactions": len(inter)}}
     return RawTables(users, items, inter, meta)
