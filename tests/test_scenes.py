@@ -177,3 +177,23 @@ def test_save_load_roundtrip(tmp_path, ml, ml_emb):
     assert len(load_scenes(out, "train")) == 20
     with pytest.raises(FileNotFoundError, match="02_scenes"):
         load_scenes(tmp_path / "nowhere", "train")
+
+
+@pytest.mark.parametrize("over,why", [({"positive_min": 6}, "positive_min emptied it"),
+                                      ({"min_history": 10_000}, "min_history emptied it")])
+def test_no_eligible_targets_names_the_filter_and_writes_nothing(ml_raw, tmp_path, monkeypatch, over, why):
+    "positive_min above every rating, or min_history above every user's length: a clear error with the counts, no scene files, no record."
+    from pathlib import Path
+    from usermirror_nb.assets import write_raw
+    from usermirror_nb.scenes import run_scenes
+    monkeypatch.setenv("USERMIRROR_ROOT", str(Path(__file__).resolve().parents[1]))
+    hist = over.get("min_history", 3)
+    cfg = config_from_dict({"profile": "t", "results_root": str(tmp_path), "assets": {"models": []},
+                            "domains": [{"name": "movielens", "source": "ml-100k", "positive_min": over.get("positive_min", 4)}],
+                            "scenes": {"train_scenes": 20, "eval_scenes": 10, "valid_scenes": 0, "samplers": {"random": 1.0},
+                                       "history_len": max(hist, 5), "min_history": hist}})
+    write_raw(ml_raw, cfg.results_dir / "assets" / "raw" / "movielens")
+    with pytest.raises(ValueError, match=why) as e:
+        run_scenes(cfg)
+    assert "no train scenes" in str(e.value) and "of their" in str(e.value) and "nothing was written" in str(e.value)
+    assert not (cfg.results_dir / "scenes").exists() and not (cfg.results_dir / "stages" / "scenes.json").exists()

@@ -19,9 +19,9 @@ from .config import (Config, ConfigError, DomainConfig, ScenesConfig, atomic_pat
 
 # %% auto #0
 __all__ = ['LETTERS', 'TEMPLATES', 'SAMPLER_IDS', 'SCENE_COLUMNS', 'SPLITS', 'letters', 'render_rows', 'Domain', 'prepare_domain',
-           'ScenePlan', 'plan_scenes', 'Stats', 'compute_stats', 'sample_negatives', 'evidence_lines', 'render_scene',
-           'precompute', 'assemble_scenes', 'build_scenes', 'item_embeddings', 'scenes_summary', 'save_scenes',
-           'load_scenes', 'run_scenes']
+           'ScenePlan', 'no_targets_message', 'plan_scenes', 'Stats', 'compute_stats', 'sample_negatives',
+           'evidence_lines', 'render_scene', 'precompute', 'assemble_scenes', 'build_scenes', 'item_embeddings',
+           'scenes_summary', 'save_scenes', 'load_scenes', 'run_scenes']
 
 # %% ../nbs/02_scenes.ipynb #bef24a1d
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -157,6 +157,20 @@ class ScenePlan:
     is_eval_user: np.ndarray  # (U,) bool
     is_valid_user: np.ndarray | None = None  # (U,) bool; training users are neither (07_finetune's `lm` corpus reads them)
 
+def no_targets_message(dom: Domain, split: str, users: np.ndarray, scfg: ScenesConfig) -> str:
+    "Why `users` have no eligible target: the counts after each filter (user split, positive_min, min_history)."
+    tot = pos = hist = 0
+    for u in users:
+        a, b = dom.ptr[u], dom.ptr[u + 1]
+        ok = dom.feedback[a:b] >= dom.positive_min
+        earlier = np.arange(b - a) >= scfg.min_history if dom.has_time else np.full(b - a, (b - a - 1) >= scfg.min_history)
+        tot += b - a; pos += int(ok.sum()); hist += int((ok & earlier).sum())
+    why = ("the user split leaves it no users" if len(users) == 0 else "positive_min" if pos == 0 else "min_history")
+    return (f"domain {dom.name}: no {split} scenes can be built ({why} emptied it): {len(users)} {split} users of {dom.n_users} "
+            f"(eval_user_frac={scfg.eval_user_frac}, valid_user_frac={scfg.valid_user_frac}); {pos} of their {tot} interactions have "
+            f"feedback >= positive_min={dom.positive_min:g}; {hist} of those have >= min_history={scfg.min_history} earlier interactions. "
+            "Lower positive_min or scenes.min_history, or give the domain more users; nothing was written")
+
 def _targets(dom: Domain, users: np.ndarray, n: int, per_user: int, min_history: int, rng) -> tuple[np.ndarray, np.ndarray]:
     "Up to `per_user` eligible targets from each user of `users` (already shuffled) until `n` are found."
     us, ps = [], []
@@ -183,6 +197,9 @@ def plan_scenes(dom: Domain, scfg: ScenesConfig, rng: np.random.Generator) -> Sc
     tu, tp = _targets(dom, train_users, scfg.train_scenes, scfg.scenes_per_user, scfg.min_history, rng)
     eu, ep = _targets(dom, perm[:n_eval], scfg.eval_scenes, scfg.scenes_per_user, scfg.min_history, rng)
     vu, vp = _targets(dom, valid_users, scfg.valid_scenes, scfg.scenes_per_user, scfg.min_history, rng)
+    for split, users, n, got in (("train", train_users, scfg.train_scenes, tu), ("eval", perm[:n_eval], scfg.eval_scenes, eu),
+                                 ("valid", valid_users, scfg.valid_scenes, vu)):
+        if n > 0 and len(got) == 0: raise ValueError(no_targets_message(dom, split, users, scfg))
     user, pos = np.concatenate([tu, eu, vu]), np.concatenate([tp, ep, vp])
     split = np.array(["train"] * len(tu) + ["eval"] * len(eu) + ["valid"] * len(vu), dtype=object)
     if dom.has_time and len(pos):
