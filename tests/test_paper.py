@@ -174,3 +174,39 @@ def test_a_planted_key_never_reaches_the_results_or_the_log(env, monkeypatch):
     for f in files: assert key.encode() not in f.read_bytes(), f
     assert "<secret $UM_PLANTED_KEY>" in (out / "echo.jsonl").read_text()
     assert key not in stream.getvalue() and "server said: bad key <secret $UM_PLANTED_KEY>" in stream.getvalue()
+
+
+def test_ctrl_c_marks_the_stage_interrupted_and_the_summary_never_shows_the_old_run(env):
+    "A finished run, then a rerun interrupted during its second stage: interrupted + not run, that stage's record gone."
+    import _thread, threading
+    prof, nbs, out = env
+    rec = lambda st: HEAD + f"record_stage(cfg, '{st}', 'done')"
+    make_nb(nbs, "00_config.ipynb", rec("config"))
+    make_nb(nbs, "01_assets.ipynb", rec("assets"))
+    make_nb(nbs, "02_scenes.ipynb", rec("scenes"))
+    assert run_paper(prof, stages="config,assets,scenes", nbs_dir=nbs)["ran"] == ["config", "assets", "scenes"]
+    make_nb(nbs, "01_assets.ipynb", HEAD + "import time\n(cfg.results_dir / 'started').write_text('x')\ntime.sleep(60)\n" + rec("assets"))
+    def ctrl_c():                      # Ctrl-C once the assets notebook is running
+        for _ in range(600):
+            if (out / "started").exists(): _thread.interrupt_main(); return
+            threading.Event().wait(0.1)
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        run_paper(prof, stages="config,assets,scenes", nbs_dir=nbs)
+    s = json.loads((out / "run_summary.json").read_text())
+    assert [(r["stage"], r["status"]) for r in s["stages"]] == [("config", "done"), ("assets", "interrupted"), ("scenes", "not run")]
+    assert s["interrupted"] == "assets" and "interrupted: assets" in s["line"] and "not run: scenes" in s["line"]
+    assert "| assets | 01_assets.ipynb | interrupted |" in (out / "RUN_SUMMARY.md").read_text()
+    assert not (out / "stages" / "assets.json").exists() and not (out / "stages" / "scenes.json").exists()
+
+
+def test_rerunning_a_stage_marks_the_later_records_stale(env):
+    prof, nbs, out = env
+    for st, name in (("config", "00_config.ipynb"), ("assets", "01_assets.ipynb"), ("scenes", "02_scenes.ipynb")):
+        make_nb(nbs, name, HEAD + f"record_stage(cfg, '{st}', 'done')")
+    run_paper(prof, stages="config,assets,scenes", nbs_dir=nbs)
+    s = run_paper(prof, stages="assets", nbs_dir=nbs)
+    assert s["ran"] == ["assets"] and s["stale"] == ["scenes"]
+    r = json.loads((out / "stages" / "scenes.json").read_text())
+    assert r["status"] == "stale" and "assets was rerun" in r["note"]
+    assert json.loads((out / "stages" / "config.json").read_text())["status"] == "done"     # upstream records stay

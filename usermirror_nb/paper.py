@@ -10,7 +10,8 @@ from pathlib import Path
 from .config import STAGES, ConfigError, load_config, project_root, write_json
 
 # %% auto #0
-__all__ = ['STAGE_NOTEBOOKS', 'SCRUB_SUFFIXES', 'paper_notebook', 'secret_values', 'scrub', 'scrub_tree', 'run_paper', 'main']
+__all__ = ['STAGE_NOTEBOOKS', 'SCRUB_SUFFIXES', 'mark_stale', 'paper_notebook', 'secret_values', 'scrub', 'scrub_tree',
+           'run_paper', 'main']
 
 # %% ../nbs/90_paper.ipynb #76bcecda
 STAGE_NOTEBOOKS = [("config", "00_config.ipynb"), ("assets", "01_assets.ipynb"), ("scenes", "02_scenes.ipynb"),
@@ -41,6 +42,25 @@ def _stage_outcome(record: Path, config_hash: str) -> dict:
                                           "(did the notebook ignore its papermill parameters?)")
     return dict(status=rec["status"], artifact=rec.get("artifact"), note=rec.get("note") or "", counts=rec.get("counts") or {})
 
+# %% ../nbs/90_paper.ipynb #7ad4eca0
+def mark_stale(rec_dir: Path,   # the profile's stages/ folder
+               ran: list,       # stages that finished (`done`) in this run
+               selected: list,  # stages this run was asked for
+              ) -> list:
+    "Mark the `done` records of the stages downstream of the earliest one rerun now (and not run now) `stale`; returns those stages."
+    if not ran: return []
+    first, out = min(STAGES.index(s) for s in ran), []
+    for st in STAGES[first + 1:]:
+        f = Path(rec_dir) / f"{st}.json"
+        if st in selected or not f.exists(): continue
+        try: rec = json.loads(f.read_text())
+        except (OSError, ValueError): continue
+        if rec.get("status") != "done": continue
+        write_json(f, {**rec, "status": "stale", "note": f"stale: stage {STAGES[first]} was rerun at {time.strftime('%Y-%m-%dT%H:%M:%S')}, "
+                                                        "after this record was written; rerun this stage"})
+        out.append(st)
+    return out
+
 # %% ../nbs/90_paper.ipynb #f11f35cc
 def _cell(v) -> str:
     if v is None: return ""
@@ -57,7 +77,9 @@ def _summary_line(rows: list) -> str:
     "`ran: a, b; not implemented yet: c; failed: d` (plus `skipped: ...` when an earlier failure stopped the run)."
     by = lambda st: ", ".join(r["stage"] for r in rows if r["status"] == st) or "none"
     line = f"ran: {by('done')}; not implemented yet: {by('not implemented')}; failed: {by('failed')}"
-    return line + (f"; skipped: {by('skipped')}" if any(r["status"] == "skipped" for r in rows) else "")
+    for st in ("skipped", "interrupted", "not run", "running", "pending"):
+        if any(r["status"] == st for r in rows): line += f"; {st}: {by(st)}"
+    return line
 
 # %% ../nbs/90_paper.ipynb #a9400e81
 def _summary_markdown(s: dict) -> str:
@@ -162,21 +184,35 @@ def run_paper(profile: str = "quick",   # `configs/<profile>.yaml`, or a path to
     handlers = logging.getLogger("papermill").handlers + logging.getLogger().handlers
     for h in handlers: h.addFilter(log_filter)
     t_all, failed = time.time(), False
+    rows = {stage: dict(stage=stage, notebook=name, status="pending", seconds=None, artifact=None, note="")
+            for stage, name in STAGE_NOTEBOOKS if stage in selected}
+    summary.update(stages=list(rows.values()), line=_summary_line(list(rows.values())))
+    _write_summary(summary, out_dir)      # a run that dies shows `pending`/`running`, never the previous run's `done`
     for stage, name in STAGE_NOTEBOOKS:
         if stage not in selected: continue
-        row = dict(stage=stage, notebook=name, status="", seconds=None, artifact=None, note="")
+        row = rows[stage]
         src = nbs_dir / name
         if failed: row.update(status="skipped", note="an earlier stage failed")
         elif not src.exists(): row.update(status="failed", note=f"notebook {src} not found")
         else:
             print(f"== {stage}: {name}", flush=True)
             t0 = time.time()
+            row["status"] = "running"; _write_summary(summary, out_dir)
             try:
                 pm.execute_notebook(paper_notebook(src, demos), str(nb_out / name), parameters=dict(profile=prof, overrides=overrides or ""),
                                     cwd=str(root), kernel_name=kernel, progress_bar=False, log_output=True)
                 row.update(_stage_outcome(rec_dir / f"{stage}.json", cfg.hash()))
             except pm.PapermillExecutionError as e:
                 row.update(status="failed", note=_short(f"{e.ename}: {e.evalue} (see notebooks/{name})"))
+            except KeyboardInterrupt:                        # Ctrl-C: say so, drop any record of this stage, keep the summary true
+                (rec_dir / f"{stage}.json").unlink(missing_ok=True)
+                row.update(status="interrupted", seconds=round(time.time() - t0, 1), note="interrupted during this stage; no record kept")
+                for r in summary["stages"]:
+                    if r["status"] == "pending": r.update(status="not run", note="the run was interrupted")
+                summary.update(seconds=round(time.time() - t_all, 1), line=_summary_line(summary["stages"]), interrupted=stage)
+                _write_summary(summary, out_dir)
+                for h in handlers: h.removeFilter(log_filter)
+                raise
             except Exception as e:                           # kernel missing or died, unreadable notebook, ...
                 row.update(status="failed", note=_short(f"{type(e).__name__}: {e}"))
             row["seconds"] = round(time.time() - t0, 1)
@@ -184,9 +220,9 @@ def run_paper(profile: str = "quick",   # `configs/<profile>.yaml`, or a path to
         row["note"] = scrub(row["note"], secrets)
         scrub_tree(out_dir, secrets)
         failed = failed or row["status"] == "failed"
-        summary["stages"].append(row)
         summary.update(seconds=round(time.time() - t_all, 1), line=_summary_line(summary["stages"]))
         _write_summary(summary, out_dir)
+    summary["stale"] = mark_stale(rec_dir, [r["stage"] for r in summary["stages"] if r["status"] == "done"], selected)
     for st, key in [("done", "ran"), ("not implemented", "not_implemented"), ("failed", "failed"), ("skipped", "skipped")]:
         summary[key] = [r["stage"] for r in summary["stages"] if r["status"] == st]
     _write_summary(summary, out_dir)
