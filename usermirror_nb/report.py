@@ -176,13 +176,18 @@ def accuracy_figure(m: pd.DataFrame, path: str | Path, split: str = "eval", mode
     return path
 
 # %% ../nbs/10_report.ipynb #5fc90f00
-def git_state(root: str | Path | None = None) -> dict:
+def git_state(root: str | Path | None = None,
+              exclude: str | Path | None = None) -> dict:   # a folder whose changes do not count (the report's own results folder)
     "Commit of the repository and whether tracked files had uncommitted changes (`unknown` outside git)."
     from usermirror_nb.config import project_root
     root = Path(root or project_root())
+    spec = []
+    if exclude is not None:
+        try: spec = ["--", ".", f":(exclude){Path(exclude).resolve().relative_to(root.resolve())}"]
+        except ValueError: spec = []                       # outside the checkout: nothing to exclude
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"] + spec, cwd=root, capture_output=True,
                                     text=True, check=True).stdout.strip())
         return {"commit": commit, "dirty": dirty}
     except (OSError, subprocess.CalledProcessError):
@@ -492,7 +497,7 @@ This profile has {n_eval} eval scenes in all ({", ".join(f"{d}: {v.get('eval', 0
     out.append(_section("Wall time per stage", md_table(st) + f"\n\nTotal of the stage records: {total / 60:.1f} min "
                         f"(machine: {(art.get('config') or {}).get('cpu_count', '?')} CPU cores, device "
                         f"{(art.get('config') or {}).get('device', '?')})."))
-    gs = git_state()
+    gs = git_state(exclude=cfg.results_dir)    # the figures this report just wrote are not a dirty tree
     prov = dict(git_commit=gs["commit"], git_dirty=gs["dirty"], config_hash=cfg.hash(), profile=cfg.profile, seed=cfg.seed)
     numbers["provenance"] = prov
     vers = (art.get("config") or {}).get("versions") or package_versions()
