@@ -289,11 +289,16 @@ def test_history_student_trains_on_notes_and_history_and_is_read_by_the_history_
     with model.disable_adapter():
         base = np.array([c.probs[0][int(r["gt_pos"])] for c, r in zip(choice_distributions(llm, recs, None, "history"), recs)])
     assert trained.mean() > base.mean(), (trained, base)     # 3 steps on these very scenes raise p(chosen title)
+    # history_sum trains the same prompt/completion examples: the same dataset, the same fingerprint (reused, not retrained)
+    again = train_sft(BASE, pd.concat([df] * 2, ignore_index=True), fcfg(sft_max_steps=3, loss_on="answer"), tmp_path / "h", seed=0,
+                      device="cpu", readout="history_sum", scenes=tr)
+    assert again["fingerprint"] == um["fingerprint"]
 
 
 def test_dpo_refuses_the_history_readout_before_loading(scenes, no_model, tmp_path):
-    with pytest.raises(ValueError, match="no shared prompt"):
-        train_dpo(BASE, tmp_path / "sft", pref_rows(scenes.head(2)), fcfg(), tmp_path / "d", readout="history")
+    for readout in ("history", "history_sum"):
+        with pytest.raises(ValueError, match="no shared prompt"):
+            train_dpo(BASE, tmp_path / "sft", pref_rows(scenes.head(2)), fcfg(), tmp_path / "d", readout=readout)
 
 
 def test_dpo_smoothed_starts_from_the_sft_policy(sft_model, scenes, tmp_path):

@@ -80,9 +80,10 @@ def test_cloze_needs_a_backend_that_scores_continuations(scenes):
         choice_distributions(LettersOnly(), scenes.head(1).to_dict("records"), None, "cloze")
     with pytest.raises(ValueError, match="readout must be one of"):
         choice_distributions(LettersOnly(), scenes.head(1).to_dict("records"), None, "cloze_mean")
-    assert READOUTS == ("letter", "letter_debiased", "cloze", "cloze_sum", "history")
-    with pytest.raises(LLMError, match="readout 'history' scores each item's title"):
-        choice_distributions(LettersOnly(), scenes.head(1).to_dict("records"), None, "history")
+    assert READOUTS == ("letter", "letter_debiased", "cloze", "cloze_sum", "history", "history_sum")
+    for r in ("history", "history_sum"):
+        with pytest.raises(LLMError, match=f"readout '{r}' scores each item's title"):
+            choice_distributions(LettersOnly(), scenes.head(1).to_dict("records"), None, r)
 
 
 def test_history_readout_scores_titles_after_the_users_history_in_the_lm_corpus_format(llm, scenes, dom):
@@ -100,6 +101,8 @@ def test_history_readout_scores_titles_after_the_users_history_in_the_lm_corpus_
             with torch.inference_mode(): lp = llm.model(input_ids=torch.tensor([p + q])).logits[0].double().log_softmax(-1)
             rows.append([float(sum(lp[len(p) - 1 + t, q[t]] for t in range(len(q)))), len(q)])
         np.testing.assert_allclose(cp.probs[0], cloze_distribution(np.array(rows)), atol=2e-3)
+        summed = choice_distributions(llm, [s], None, "history_sum")[0].probs[0]     # the same titles, summed log-prob
+        np.testing.assert_allclose(summed, cloze_distribution(np.array(rows), "sum"), atol=2e-3)
     # the exposure order is not in the prompt: a shifted list gives the same distribution over the items
     sh = choice_distributions(llm, [shifted_scene(recs[0], 2)], None, "history")[0].probs[0]
     np.testing.assert_allclose(sh, np.roll(got[0].probs[0], -2), atol=1e-5)

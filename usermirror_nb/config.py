@@ -13,13 +13,13 @@ import numpy as np
 import yaml
 
 # %% auto #0
-__all__ = ['DOMAIN_SOURCES', 'SCENE_STYLES', 'SAMPLERS', 'LLM_BACKENDS', 'ROLES', 'READOUTS', 'SELF', 'LM_MODEL',
-           'DISTILL_STRATEGIES', 'FINETUNE_METHODS', 'FINETUNE_RUNS', 'EVAL_MODES', 'STAGES', 'PACKAGES', 'ConfigError',
-           'project_root', 'default_cache_dir', 'AssetsConfig', 'DomainConfig', 'ScenesConfig', 'env_name_ok',
-           'LLMConfig', 'RationalesConfig', 'default_models', 'DistillConfig', 'FinetuneConfig', 'EvaluateConfig',
-           'BaselinesConfig', 'Config', 'config_from_dict', 'parse_overrides', 'load_config', 'seed_everything',
-           'get_device', 'cpu_has_bf16', 'resolve_dtype', 'atomic_path', 'write_json', 'record_stage',
-           'stage_not_implemented', 'package_versions', 'run_config']
+__all__ = ['DOMAIN_SOURCES', 'SCENE_STYLES', 'SAMPLERS', 'LLM_BACKENDS', 'ROLES', 'READOUTS', 'HISTORY_READOUTS', 'SELF',
+           'LM_MODEL', 'DISTILL_STRATEGIES', 'FINETUNE_METHODS', 'FINETUNE_RUNS', 'EVAL_MODES', 'STAGES', 'PACKAGES',
+           'ConfigError', 'project_root', 'default_cache_dir', 'AssetsConfig', 'DomainConfig', 'ScenesConfig',
+           'env_name_ok', 'LLMConfig', 'RationalesConfig', 'default_models', 'DistillConfig', 'FinetuneConfig',
+           'EvaluateConfig', 'BaselinesConfig', 'Config', 'config_from_dict', 'parse_overrides', 'load_config',
+           'seed_everything', 'get_device', 'cpu_has_bf16', 'resolve_dtype', 'atomic_path', 'write_json',
+           'record_stage', 'stage_not_implemented', 'package_versions', 'run_config']
 
 # %% ../nbs/00_config.ipynb #7c173803
 class ConfigError(ValueError):
@@ -122,7 +122,8 @@ _ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")
 def env_name_ok(name: str) -> bool:
     "Whether `name` looks like an environment variable's NAME, not a key: upper case, digits and _, <= 64 characters, < 8 digits."
     return isinstance(name, str) and bool(_ENV_NAME.fullmatch(name)) and sum(c.isdigit() for c in name) < 8
-READOUTS = ("letter", "letter_debiased", "cloze", "cloze_sum", "history")   # how a choice is read from a model (04a_readout)
+READOUTS = ("letter", "letter_debiased", "cloze", "cloze_sum", "history", "history_sum")   # how a choice is read from a model (04a_readout)
+HISTORY_READOUTS = ("history", "history_sum")   # titles scored after the user's own history (mean / summed log-prob), no scene prompt
 SELF = "self"           # models.predictor.model: each role's rationales are scored by that role's own model
 LM_MODEL = "lm"         # a role's model: the domain-trained student (07_finetune's `lm` run), trained on first use
 
@@ -140,7 +141,7 @@ class LLMConfig:
     timeout_s: float = 60.0            # openai backend: per request
     max_retries: int = 4               # openai backend: retries on 429/5xx/connection errors, with backoff
     top_logprobs: int = 20             # openai backend: alternatives asked for when reading letter probabilities
-    readout: str = "letter"            # letter (the paper's, for models that bind symbols) | letter_debiased | cloze | cloze_sum | history (04a_readout)
+    readout: str = "letter"            # letter (the paper's, for models that bind symbols) | letter_debiased | cloze | cloze_sum | history | history_sum (04a_readout)
     def __post_init__(self):
         _check(self.readout in READOUTS, f"readout must be one of {READOUTS}, got {self.readout!r}")
         _check(self.backend in LLM_BACKENDS, f"backend must be one of {LLM_BACKENDS}, got {self.backend!r}")

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from .config import (Config, FinetuneConfig, LLMConfig, get_device, load_config, package_versions,
+from .config import (HISTORY_READOUTS, Config, FinetuneConfig, LLMConfig, get_device, load_config, package_versions,
                                   record_stage, seed_everything, write_json)
 from .rationales import SYSTEM_PROMPT, rationale_conversation
 from .scenes import LETTERS, letters, render_scene
@@ -218,7 +218,7 @@ def letter_example(tokenizer, messages: list) -> dict:
 def sft_dataset(df: pd.DataFrame, tokenizer, loss_on: str = "assistant", readout: str = "letter"):
     "The `datasets.Dataset` trl trains on: conversations (`assistant`), tokenized answer-only examples (`answer`/`letter`: the letter, or the item text for a cloze student), or prompt + completion for a history student."
     from datasets import Dataset
-    if readout == "history":
+    if readout in HISTORY_READOUTS:
         if not {"prompt", "completion"} <= set(df.columns): raise DatasetError("a history student trains on prompt/completion columns (history_sft_rows)")
         return Dataset.from_list([history_example(tokenizer, p, c) for p, c in zip(df["prompt"], df["completion"])])
     msgs = [_messages(m) for m in df["messages"]]
@@ -654,7 +654,7 @@ def train_sft(base_model: str,                 # the student (registry name, fol
     device = device or get_device()
     tok = load_tokenizer(base_model, cache_dir)
     df = validate_sft(_frame(train_ds), source, tok, fcfg.max_length)            # before any model is loaded
-    if readout == "history":
+    if readout in HISTORY_READOUTS:
         if scenes is None: raise ValueError("train_sft: a history student needs `scenes` (scenes/train.parquet) to build its prompts")
         df = history_sft_rows(df, scenes, source)
     else:
@@ -664,11 +664,11 @@ def train_sft(base_model: str,                 # the student (registry name, fol
             "method": fcfg.method, "loss_on": fcfg.loss_on, "readout": readout, "train_examples": len(df),
             "with_rationale": int(df["with_rationale"].astype(bool).sum()), "seed": seed, "device": device, **(meta or {})}
     spec = {"finetune": dataclasses.asdict(fcfg), "base_model": str(base_model), "seed": seed, "run": "sft", "overrides": args_overrides,
-            "data": _fingerprint([m for m in df["messages"]] if readout != "history" else [df["prompt"].tolist(), df["completion"].tolist()]),
+            "data": _fingerprint([m for m in df["messages"]] if readout not in HISTORY_READOUTS else [df["prompt"].tolist(), df["completion"].tolist()]),
             "eval_every": eval_every}
     info["fingerprint"] = fp = _fingerprint(spec)
     if (done := _finished(out_dir, fp)) is not None: return done
-    tt = training_tokenizer(tok) if fcfg.loss_on == "assistant" and readout != "history" else tok    # letter labels come from the ids alone
+    tt = training_tokenizer(tok) if fcfg.loss_on == "assistant" and readout not in HISTORY_READOUTS else tok    # letter labels come from the ids alone
     ds = sft_dataset(df, tt, fcfg.loss_on, readout)
     args = sft_config(fcfg, out_dir / "checkpoints", device, seed, **args_overrides)
     lcfg = None if fcfg.method == "full" else lora_config(fcfg, num_layers(base_model, cache_dir) if fcfg.lora_layers else None)
@@ -697,7 +697,7 @@ def train_dpo(base_model: str,
               **args_overrides) -> dict:
     "Train (or resume, or reuse) DPO / RosePO from the SFT model with trl's DPOTrainer; returns its usermirror.json."
     from trl import DPOTrainer
-    if readout == "history": raise ValueError(HISTORY_NO_DPO)
+    if readout in HISTORY_READOUTS: raise ValueError(HISTORY_NO_DPO)
     out_dir, sft_dir = Path(out_dir), Path(sft_dir)
     device = device or get_device()
     tok = load_tokenizer(base_model, cache_dir)
@@ -909,7 +909,7 @@ def run_finetune(cfg: Config) -> Path:
     device = get_device(cfg.models["student"].device)
     readout = cfg.models["student"].readout
     scenes = None
-    if readout == "history":                   # a history student's prompts are built from the scenes (history_sft_rows)
+    if readout in HISTORY_READOUTS:                   # a history student's prompts are built from the scenes (history_sft_rows)
         from usermirror_nb.scenes import load_scenes
         scenes = load_scenes(cfg, "train").to_pandas()
     models = []
@@ -929,7 +929,7 @@ def run_finetune(cfg: Config) -> Path:
     pref_path = dist / "uncertainty" / "pref.parquet"
     pref = read_table(pref_path) if pref_path.exists() else None
     for run in [r for r in ("dpo", "dpo_smoothed") if r in fcfg.runs]:
-        if readout == "history": skipped.append({"name": run, "reason": HISTORY_NO_DPO})
+        if readout in HISTORY_READOUTS: skipped.append({"name": run, "reason": HISTORY_NO_DPO})
         elif pref is None or len(pref) == 0:
             skipped.append({"name": run, "reason": f"{pref_path} has no preference pairs" if pref is not None else f"{pref_path} does not exist"})
         else: jobs.append(dict(name=run, kind=run, data=pref, source=str(pref_path)))

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import numpy as np
 
-from .config import READOUTS
+from .config import HISTORY_READOUTS, READOUTS
 from .llm import ChoiceProbs, LLMError
 from .rationales import rationale_conversation
 from .scenes import render_scene
@@ -26,13 +26,13 @@ def check_readout(readout: str) -> str:
 
 def reads_rationale(readout: str) -> bool:
     "Whether `readout` can read a choice after a written rationale (letter, cloze and history can; the debiased letter cannot)."
-    return check_readout(readout) in ("letter", "cloze", "cloze_sum", "history")
+    return check_readout(readout) != "letter_debiased"
 
 def assistant_text(body: str,      # the rationale body ("" in direct mode)
                    readout: str,   # one of READOUTS
                   ) -> str:
     "The assistant-turn text the readout scores after: the rationale body (if any), then the behaviour cue."
-    if check_readout(readout) == "history": raise ValueError("readout 'history' scores item titles after the user's history, not after an assistant turn (history_prompt takes the rationale)")
+    if check_readout(readout) in HISTORY_READOUTS: raise ValueError(f"readout {readout!r} scores item titles after the user's history, not after an assistant turn (history_prompt takes the rationale)")
     cue = LETTER_CUE if readout.startswith("letter") else CLOZE_CUE
     return (body.rstrip() + "\n" + cue) if body and body.strip() else cue
 
@@ -129,16 +129,17 @@ def _cloze(llm, scenes, bodies, readout):
     for i, r in zip(owner, res): rows[i].append(cloze_distribution(r, norm))
     return [ChoiceProbs(np.stack(r), np.full(len(r), np.nan)) for r in rows]
 
-def _history(llm, scenes, bodies):
+def _history(llm, scenes, bodies, readout):
     if not hasattr(llm, "option_logprobs"):
-        raise LLMError(f"readout 'history' scores each item's title as a continuation, which {type(llm).__name__} cannot do "
+        raise LLMError(f"readout {readout!r} scores each item's title as a continuation, which {type(llm).__name__} cannot do "
                        "(it needs the local transformers backend); use readout 'letter' with this backend")
     prompts, opts, owner = [], [], []
     for i, (s, bs) in enumerate(zip(scenes, bodies)):
         o = history_options(s)
         for b in bs: prompts.append(history_prompt(s, b)); opts.append(o); owner.append(i)
     rows = [[] for _ in scenes]
-    for i, r in zip(owner, llm.option_logprobs(prompts, opts)): rows[i].append(cloze_distribution(r))
+    norm = "sum" if readout == "history_sum" else "mean"
+    for i, r in zip(owner, llm.option_logprobs(prompts, opts)): rows[i].append(cloze_distribution(r, norm))
     return [ChoiceProbs(np.stack(r), np.full(len(r), np.nan)) for r in rows]
 
 def choice_distributions(llm,                        # a usermirror_nb.llm backend
@@ -153,5 +154,5 @@ def choice_distributions(llm,                        # a usermirror_nb.llm backe
     if len(bodies) != len(scenes): raise ValueError(f"choice_distributions: {len(scenes)} scenes but {len(bodies)} lists of bodies")
     if readout == "letter": return _letter(llm, scenes, bodies, readout)
     if readout == "letter_debiased": return _debiased(llm, scenes, bodies)
-    if readout == "history": return _history(llm, scenes, bodies)
+    if readout in HISTORY_READOUTS: return _history(llm, scenes, bodies, readout)
     return _cloze(llm, scenes, bodies, readout)

@@ -374,6 +374,9 @@ This profile has {n_eval} eval scenes in all ({", ".join(f"{d}: {v.get('eval', 0
         ft = [n for n in m.loc[(m["kind"] == "fine-tuned") & (m["split"] == "eval"), "model"].unique()] if len(m) else []
         pairs = [(n, hl["base"]) for n in ft] + [(hl["llm_only"], "popularity"), (hl["hybrid"], hl["baseline"])]
         pairs += [("sft", "lm")] * ("sft" in ft and "lm" in ft)           # does SFT add anything to domain training?
+        # the best fine-tuned model vs the base student read every other way: is the gain the training or the readout?
+        pairs += [(hl["fine_tuned"], f"{hl['base']}[{r}]") for r in list(cfg.evaluate.readouts)[1:]
+                  if hl["fine_tuned"] and hl["base"] and f"{hl['base']}[{r}]" in set(m["model"])]
         pairs += [("sft", n) for n in ft if n.startswith("sft_") and n not in ("sft_plain", "sft_evidence")]   # the selection ablation
         pr = paired_rows(art.get("predictions"), pairs, cfg.evaluate.bootstrap, cfg.seed)
         if len(pr):
@@ -385,7 +388,8 @@ This profile has {n_eval} eval scenes in all ({", ".join(f"{d}: {v.get('eval', 0
             out.append(_section("Paired differences on the same scenes",
                                 "Mean per-scene difference a − b in points, bootstrap 95% CI over the scenes both scored (accuracy: "
                                 "p(truth), the expected sampled accuracy). Pairs: each fine-tuned model vs the base student, the best "
-                                "LLM-only simulator vs popularity, the hybrid vs the best baseline, `sft` vs `lm` (what SFT adds), and `sft` (uncertainty "
+                                "LLM-only simulator vs popularity, the hybrid vs the best baseline, `sft` vs `lm` (what SFT adds), the best fine-tuned "
+                                "model vs the base student in each other readout (`<model>[<readout>]`: is the gain the training or the readout?), and `sft` (uncertainty "
                                 "selection) vs each ablation model.\n\n" + md_table(tab)))
     # thought vs direct
     tm = m[(m.get("mode") == "thought")] if len(m) else m
@@ -456,7 +460,8 @@ This profile has {n_eval} eval scenes in all ({", ".join(f"{d}: {v.get('eval', 0
                             f"`letter` reads the option letter after `Behavior: [` (the paper's); `letter_debiased` averages it over the "
                             f"k cyclic shifts of the exposure list; `cloze` scores each item's own text after `Behavior:` (mean token "
                             f"log-prob), `cloze_sum` the summed log-prob; `history` scores each item's title as the next line of the user's own "
-                            f"history (no scene prompt, no exposure list; the `lm` run's corpus format) (04a_readout). The first readout ({cfg.evaluate.readouts[0]}) is on "
+                            f"history (no scene prompt, no exposure list; the `lm` run's corpus format; mean token log-prob), `history_sum` the same "
+                            f"titles by summed log-prob (04a_readout). The first readout ({cfg.evaluate.readouts[0]}) is on "
                             "all eval scenes, the others on the first `evaluate.readout_scenes` per domain (n).\n\n" + md_table(ro)))
     # training data
     ds = art.get("distill") or {}
