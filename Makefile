@@ -30,9 +30,9 @@ $(STAMP):
 paper: install  ## run the stage notebooks with papermill for PROFILE (results/$(PROFILE)/)
 	$(BIN)/usermirror-paper --profile $(PROFILE) --overrides "$(OVERRIDES)"
 
-recipe-study: install  ## the recipe study of 07_finetune: scenes in results/study/, curves in results/recipe_study/ (variants without a result)
+recipe-study: install  ## the recipe study (07b_recipe_study): scenes in results/study/, curves in results/recipe_study/ (variants without a result)
 	$(BIN)/usermirror-paper --profile quick --overrides "profile=study,scenes.train_scenes=1000" --stages config,assets,scenes
-	$(BIN)/python -c "from usermirror_nb.config import load_config; from usermirror_nb.finetune import run_recipe_study; \
+	$(BIN)/python -c "from usermirror_nb.config import load_config; from usermirror_nb.recipe_study import run_recipe_study; \
 	  run_recipe_study(load_config('quick', 'profile=study,scenes.train_scenes=1000'))"
 
 test: install  ## export is in sync, notebook tests (nbdev_test), pytest (not slow; gpu tests skip without CUDA)

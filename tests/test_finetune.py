@@ -496,7 +496,7 @@ def test_lora_on_the_top_layers_only(scenes, tmp_path):
 def test_recipe_study_cache_is_the_full_model(scenes):
     "Cached states after 28 layers + the top 2 layers give the full model's letter probabilities; training on them runs."
     from usermirror_nb.assets import load_causal_lm
-    from usermirror_nb.finetune import _study_encode, _top_model, cache_hidden, cached_eval, train_cached
+    from usermirror_nb.recipe_study import _study_encode, _top_model, cache_hidden, cached_eval, train_cached
     from usermirror_nb.llm import letter_token_ids
     model, tok = load_causal_lm(BASE, dtype=torch.float32)
     model.eval()

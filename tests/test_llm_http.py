@@ -12,7 +12,8 @@ import pytest
 
 from usermirror_nb.config import LLMConfig
 from usermirror_nb.llm import (LLMAuthError, LLMConnectionError, LLMError, LLMNotFoundError, OpenAILLM, Sampling,
-                               TransformersLLM, serve)
+                               TransformersLLM)
+from usermirror_nb.server import serve
 
 SECRET = "sk-test-UNMISTAKABLE-7f3a9c1e"
 CONV = [{"role": "system", "content": "You simulate a movie viewer. End with Behavior: [letter of the chosen movie]."},

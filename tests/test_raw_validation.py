@@ -156,3 +156,44 @@ def test_release_years_are_read_as_years_not_seconds(tmp_path):
     assert pd.isna(t.items.release_time.tolist()[1]) and t.meta["release_time_read_as"] == "years"
     plain = load_domain(domain(tmp_path))                     # ISO dates and 0 stay seconds
     assert plain.items.release_time.tolist()[2] == 0.0 and "release_time_read_as" not in plain.meta
+
+
+def test_latin1_csv_names_file_column_and_row_and_reads_with_encoding(tmp_path):
+    "#13.3: a latin-1 file read as UTF-8 stops in the raw stage at the first bad byte (quoting respected), not as a bare UnicodeDecodeError."
+    items = 'item_id,title,release_time\ni1,"Alpha, the film",1995-01-01\ni2,"Beta, café",\ni3,Gamma,0\n'
+    d = domain(tmp_path)
+    Path(d.items_file).write_bytes(items.encode("latin-1"))
+    with pytest.raises(RawDataError) as ei:
+        load_domain(d)
+    e, msg = ei.value, str(ei.value)
+    assert e.file.endswith("items.csv") and e.column == "title" and e.row == 2, (e.file, e.column, e.row)
+    assert "row 2 (1-based data row" in msg and "not valid utf-8" in msg and "encoding:" in msg and "caf" in msg, msg
+    t = load_domain(DomainConfig(**{**d.__dict__, "encoding": "latin-1"}))
+    assert t.items.title.tolist() == ["Alpha, the film", "Beta, café", "Gamma"]
+    # a bad byte in a header name is named as the header
+    Path(d.users_file).write_bytes("user_id,\xe2ge\nu1,20\nu2,30\nu3,40\n".encode("latin-1"))
+    with pytest.raises(RawDataError, match="header row") as ei:
+        load_domain(d)
+    assert ei.value.row == "header" and ei.value.file.endswith("users.csv")
+
+
+def test_invalid_utf8_in_a_parquet_string_column_is_named(tmp_path):
+    "#13.3: pyarrow's own error ('Wrapping caf? failed') names neither column nor row; the raw stage does."
+    import pyarrow as pa, pyarrow.parquet as pq
+    d = domain(tmp_path)
+    bad = pa.array([b"Alpha", b"Beta", b"Gamma caf\xe9"], type=pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"item_id": ["i1", "i2", "i3"], "title": bad}), tmp_path / "items.parquet")
+    d = DomainConfig(**{**d.__dict__, "items_file": str(tmp_path / "items.parquet")})
+    with pytest.raises(RawDataError) as ei:
+        load_domain(d)
+    e = ei.value
+    assert e.file.endswith("items.parquet") and e.column == "title" and e.row == 3 and "must be UTF-8" in str(e), str(e)
+    pq.write_table(pa.table({"item_id": ["i1", "i2", "i3"], "title": ["Alpha", "Beta", "Gamma café"]}), tmp_path / "items.parquet")
+    assert load_domain(d).items.title.tolist()[2] == "Gamma café"
+
+
+def test_encoding_must_be_a_text_encoding():
+    from usermirror_nb.config import ConfigError
+    for bad in ("utf-9", "rot13x", "base64"):
+        with pytest.raises(ConfigError, match=r"domains\[t\]\.encoding"):
+            DomainConfig(name="t", source="files", positive_min=1, users_file="u", items_file="i", interactions_file="x", encoding=bad)

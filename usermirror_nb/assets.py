@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_assets.ipynb #85a5b6f6
 from __future__ import annotations
-import calendar, csv, hashlib, html, io, json, os, re, shutil, subprocess, sys, tempfile, time, urllib.request, zipfile
+import calendar, csv, hashlib, html, io, itertools, json, os, re, shutil, subprocess, sys, tempfile, time, urllib.request, zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -506,12 +506,52 @@ def _resolve(p: str) -> Path:
     except Exception: root = Path.cwd()
     return root / q if (root / q).exists() or not q.exists() else q
 
-def _read_table(path: Path, renames: dict, table: str) -> pd.DataFrame:
+_BAD_TEXT = re.compile("[\udc80-\udcff]")        # bytes that `surrogateescape` kept: not valid in the file's encoding
+
+def _bad_bytes(path: Path, column: str, row, value: str, encoding: str, fix: str) -> RawDataError:
+    shown = value.encode("utf-8", "surrogateescape").decode("latin-1")[:60]
+    column = _BAD_TEXT.sub("?", column)
+    where = "header row" if row == "header" else f"row {row} (1-based data row, header not counted)"
+    return RawDataError(f"{path}: column '{column}', {where}: {shown!r} has bytes that are not valid {encoding}; {fix}",
+                        file=str(path), column=column, row=row)
+
+def _read_csv(path: Path, sep: str, dtype: dict, encoding: str) -> pd.DataFrame:
+    "A CSV/TSV read in `encoding` (utf-8 drops a byte-order mark); the first invalid byte names its file, column and row."
+    import codecs
+    enc = "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
+    text = path.read_bytes().decode(enc, errors="surrogateescape")
+    if _BAD_TEXT.search(text):                    # find the cell with the csv module, which reads quoting as pandas does
+        records = (r for r in csv.reader(io.StringIO(text), delimiter=sep) if r)
+        header = next(records)
+        for row, fields in enumerate(itertools.chain([header], records)):
+            j = next((j for j, v in enumerate(fields) if _BAD_TEXT.search(v)), None)
+            if j is None: continue
+            col = fields[j] if row == 0 else (header[j] if j < len(header) else f"field {j + 1}")
+            raise _bad_bytes(path, col, row or "header", fields[j], encoding,
+                             "set the domain's `encoding:` to the file's encoding (e.g. latin-1 or cp1252), or save it as UTF-8")
+    return pd.read_csv(io.StringIO(text), sep=sep, dtype=dtype)
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    "A parquet table; its text must be valid UTF-8 (the format's rule): the first invalid value names its column and row."
+    import pyarrow as pa, pyarrow.parquet as pq
+    tbl = pq.read_table(path)
+    for name, col in zip(tbl.column_names, tbl.columns):
+        if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)): continue
+        try: col.validate(full=True); continue
+        except pa.ArrowInvalid: pass
+        for row, v in enumerate(col.cast(pa.large_binary()).to_pylist(), 1):
+            try: v is None or v.decode("utf-8")
+            except UnicodeDecodeError:
+                raise _bad_bytes(path, name, row, v.decode("utf-8", "surrogateescape"), "UTF-8",
+                                 "parquet text must be UTF-8: re-encode that column when writing the file") from None
+    return tbl.to_pandas()
+
+def _read_table(path: Path, renames: dict, table: str, encoding: str = "utf-8") -> pd.DataFrame:
     ids = {their for their, ours in renames.items() if ours in ("user_id", "item_id")} | {"user_id", "item_id"}
     suf = path.suffix.lower()
-    if suf in (".parquet", ".pq"): df = pd.read_parquet(path)
+    if suf in (".parquet", ".pq"): df = _read_parquet(path)
     elif suf in (".csv", ".tsv", ".tab", ".txt"):
-        df = pd.read_csv(path, sep="\t" if suf in (".tsv", ".tab") else ",", dtype={c: str for c in ids}, encoding="utf-8-sig")
+        df = _read_csv(path, "\t" if suf in (".tsv", ".tab") else ",", {c: str for c in ids}, encoding)
     else: raise RawDataError(f"{path}: unsupported file type {suf!r} for the {table} table (use .csv, .tsv or .parquet)", file=str(path))
     missing = [c for c in renames if c not in df.columns]
     if missing: raise RawDataError(f"{path}: column '{missing[0]}', header row: not found (it is renamed to "
@@ -523,7 +563,7 @@ def _load_files(domain: DomainConfig, cache: Path, try_network: bool) -> tuple[R
     paths = {t: _resolve(getattr(domain, f"{t}_file")) for t in TABLES}
     for t, p in paths.items():
         if not p.exists(): raise RawDataError(f"{p}: file not found (domains[{domain.name}].{t}_file)", file=str(p))
-    dfs = {t: _read_table(p, dict(domain.columns.get(t, {}) or {}), t) for t, p in paths.items()}
+    dfs = {t: _read_table(p, dict(domain.columns.get(t, {}) or {}), t, domain.encoding) for t, p in paths.items()}
     meta = dict(source="files", origin={t: str(p) for t, p in paths.items()}, version="user-provided",
                 source_files={p.name: _sha256_file(p) for p in paths.values()},
                 licence="user-provided data (check its own terms)")

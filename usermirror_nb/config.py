@@ -41,6 +41,12 @@ def default_cache_dir() -> Path:
 def _check(cond: bool, msg: str):
     if not cond: raise ConfigError(msg)
 
+def _codec_ok(name: str) -> bool:
+    "Whether Python knows `name` as a text encoding (codecs.lookup)."
+    import codecs
+    try: return codecs.lookup(name)._is_text_encoding
+    except LookupError: return False
+
 DOMAIN_SOURCES = ("ml-100k", "book-crossing", "files")
 SCENE_STYLES = ("plain", "evidence")
 SAMPLERS = ("random", "popularity", "collaborative", "content")
@@ -68,6 +74,7 @@ class DomainConfig:
     min_user_interactions: int = 5     # k-core style filter applied before scenes
     min_item_interactions: int = 1
     max_items: int = 0                 # keep only the N most-interacted items (0 = all); Book-Crossing has 271k
+    encoding: str = "utf-8"            # source=files: the CSV/TSV files' text encoding (e.g. latin-1, cp1252); parquet text is UTF-8 by the format
     def __post_init__(self):
         _check(isinstance(self.name, str) and self.name.replace("_", "").replace("-", "").isalnum(),
                f"domains[].name must be a short identifier, got {self.name!r}")
@@ -79,6 +86,8 @@ class DomainConfig:
                f"domains[{self.name}].columns keys must be users/items/interactions, got {sorted(self.columns)}")
         for k in ("min_user_interactions", "min_item_interactions", "max_items"):
             _check(isinstance(getattr(self, k), int) and getattr(self, k) >= 0, f"domains[{self.name}].{k} must be an int >= 0")
+        _check(isinstance(self.encoding, str) and _codec_ok(self.encoding),
+               f"domains[{self.name}].encoding: {self.encoding!r} is not a text encoding Python knows (e.g. utf-8, latin-1, cp1252)")
 
 @dataclass
 class ScenesConfig:

@@ -17,17 +17,17 @@ from .rationales import SYSTEM_PROMPT, rationale_conversation
 from .scenes import LETTERS, letters, render_scene
 from .uncertainty import CUE
 from .readout import CLOZE_CUE, history_options, history_prompt
+from .rosepo import EPS_SOURCES, rosepo_epsilon, rosepo_loss, trainer_classes   # 07a_rosepo (kept importable from here)
 
 # %% auto #0
-__all__ = ['SFT_COLUMNS', 'PREF_COLUMNS', 'CHATML_GENERATION_TEMPLATE', 'HISTORY_NO_DPO', 'EPS_SOURCES', 'LINEAR_MODULES',
-           'STUDY_VARIANTS', 'DatasetError', 'token_lengths', 'validate_sft', 'validate_pref', 'read_table',
-           'has_generation_markers', 'renders_identically', 'load_tokenizer', 'training_tokenizer', 'letter_example',
-           'sft_dataset', 'readout_answer', 'answer_example', 'history_sft_rows', 'history_example', 'rosepo_epsilon',
-           'rosepo_loss', 'trainer_classes', 'pref_dataset', 'compact_lm_head', 'qlora_memory_gb', 'num_layers',
-           'lora_config', 'cpu_trainable_4bit', 'load_student', 'sft_config', 'dpo_config', 'held_out_callback',
-           'stop_after', 'plot_training', 'train_sft', 'train_dpo', 'merge_adapter', 'load_finetuned', 'lm_sequences',
-           'lm_blocks', 'lm_corpus', 'train_lm', 'ensure_lm', 'answer_only_rows', 'restyle', 'run_finetune',
-           'cache_hidden', 'cached_eval', 'train_cached', 'plot_study', 'run_recipe_study']
+__all__ = ['SFT_COLUMNS', 'PREF_COLUMNS', 'CHATML_GENERATION_TEMPLATE', 'HISTORY_NO_DPO', 'LINEAR_MODULES', 'DatasetError',
+           'token_lengths', 'validate_sft', 'validate_pref', 'read_table', 'has_generation_markers',
+           'renders_identically', 'load_tokenizer', 'training_tokenizer', 'letter_example', 'sft_dataset',
+           'readout_answer', 'answer_example', 'history_sft_rows', 'history_example', 'pref_dataset', 'compact_lm_head',
+           'qlora_memory_gb', 'num_layers', 'lora_config', 'cpu_trainable_4bit', 'load_student', 'sft_config',
+           'dpo_config', 'held_out_callback', 'stop_after', 'plot_training', 'train_sft', 'train_dpo', 'merge_adapter',
+           'load_finetuned', 'lm_sequences', 'lm_blocks', 'lm_corpus', 'train_lm', 'ensure_lm', 'answer_only_rows',
+           'restyle', 'run_finetune']
 
 # %% ../nbs/07_finetune.ipynb #2f771c43
 class DatasetError(ValueError):
@@ -285,74 +285,7 @@ def history_example(tokenizer, prompt: str, completion: str) -> dict:
     if not c: raise DatasetError(f"the completion {completion!r} has no tokens")
     return {"input_ids": p + c, "labels": [-100] * len(p) + c}
 
-# %% ../nbs/07_finetune.ipynb #88b665be
-EPS_SOURCES = ("chosen_prob", "chosen_entropy")
-
-def rosepo_epsilon(pref: pd.DataFrame,            # a validated preference table
-                   eps_min: float, eps_max: float,  # finetune.eps_min / eps_max
-                   source: str = "chosen_prob",   # chosen_prob: doubt = 1 - p_c; chosen_entropy: doubt = H_c / log2 k
-                  ) -> np.ndarray:
-    "Per-pair smoothing ε = eps_min + (eps_max - eps_min) * doubt, clipped to [eps_min, eps_max]."
-    if source == "chosen_prob": doubt = 1.0 - pref["chosen_prob"].to_numpy(float)
-    elif source == "chosen_entropy": doubt = pref["chosen_entropy"].to_numpy(float) / np.log2(pref["choice_cnt"].to_numpy(float))
-    else: raise ValueError(f"rosepo_epsilon: source must be one of {EPS_SOURCES}, got {source!r}")
-    return np.clip(eps_min + (eps_max - eps_min) * np.clip(doubt, 0.0, 1.0), eps_min, eps_max)
-
-def rosepo_loss(z, eps):
-    "Per-pair RosePO loss -(1-ε) log σ(z) - ε log σ(-z) for margins z = βΔ (torch tensors)."
-    import torch.nn.functional as F
-    return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
-
-# %% ../nbs/07_finetune.ipynb #8dfe12e4
-@functools.cache
-def trainer_classes() -> SimpleNamespace:
-    "`RosePOTrainer` (trl's DPOTrainer with per-pair ε) and `RosePOCollator` (trl's preference collator + `rosepo_eps`)."
-    import torch
-    from trl import DPOTrainer
-    from trl.trainer.dpo_trainer import DataCollatorForPreference
-
-    @dataclasses.dataclass
-    class RosePOCollator(DataCollatorForPreference):
-        "trl's `DataCollatorForPreference`, plus the per-pair smoothing `rosepo_eps` (float tensor) when the examples carry it."
-        def torch_call(self, examples):
-            out = super().torch_call(examples)
-            if "rosepo_eps" in examples[0]: out["rosepo_eps"] = torch.tensor([float(e["rosepo_eps"]) for e in examples])
-            return out
-
-    class RosePOTrainer(DPOTrainer):
-        "trl's DPOTrainer whose sigmoid loss is smoothed per pair: -(1-ε) log σ(z) - ε log σ(-z), ε from the `rosepo_eps` column."
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            if (self.loss_types != ["sigmoid"] or self.ld_alpha is not None or self.f_divergence_type != "reverse_kl"
-                    or self.use_weighting or self.aux_loss_enabled):
-                raise ValueError("RosePOTrainer smooths trl's plain sigmoid DPO loss: use loss_type=['sigmoid'], ld_alpha=None, "
-                                 "f_divergence_type='reverse_kl', use_weighting=False")
-        def _set_signature_columns_if_needed(self):
-            super()._set_signature_columns_if_needed()
-            if "rosepo_eps" not in self._signature_columns: self._signature_columns = [*self._signature_columns, "rosepo_eps"]
-        def _compute_loss(self, model, inputs, return_outputs):
-            eps = inputs.pop("rosepo_eps", None)
-            if eps is None: return super()._compute_loss(model, inputs, return_outputs)
-            seen = []
-            ref = self.ref_model if self.ref_model is not None else (None if self.precompute_ref_logps else self.model)
-            mods = {id(m): m for m in (model, ref) if m is not None}
-            hooks = [m.register_forward_hook(lambda mod, a, out: seen.append(out)) for m in mods.values()]
-            try: res = super()._compute_loss(model, inputs, return_outputs)
-            finally:
-                for h in hooks: h.remove()
-            n = inputs["completion_mask"].size(1) - 1
-            pc, pr = seen[0].log_probs[:, -n:].sum(1).chunk(2)
-            if self.precompute_ref_logps: rc, rr = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-            else: rc, rr = seen[1].log_probs[:, -n:].sum(1).chunk(2)
-            z = self.beta * ((pc - rc) - (pr - rr.to(pc.device)))
-            eps = eps.to(z.device, z.dtype)
-            extra = (eps * z).mean()             # -(1-ε) log σ(z) - ε log σ(-z) = -log σ(z) + ε z
-            self._metrics["train" if self.model.training else "eval"]["rosepo/epsilon"].append(eps.mean().item())
-            if return_outputs: return res[0] + extra, res[1]
-            return res + extra
-
-    return SimpleNamespace(RosePOTrainer=RosePOTrainer, RosePOCollator=RosePOCollator)
-
+# %% ../nbs/07_finetune.ipynb #265cc412
 def pref_dataset(df: pd.DataFrame, eps: np.ndarray | None = None):
     "trl's conversational preference dataset (prompt, chosen, rejected) with a `rosepo_eps` column when ε is given."
     from datasets import Dataset
@@ -730,9 +663,9 @@ def train_dpo(base_model: str,
     else:
         model = load_student(base_model, "full", cache_dir, device, path=sft_dir)
         ref = load_student(base_model, "full", cache_dir, device, path=sft_dir).eval()
-    C = trainer_classes()
-    Trainer = C.RosePOTrainer if smoothed else DPOTrainer
-    coll = (C.RosePOCollator(pad_token_id=tok.pad_token_id, max_length=args.max_length, truncation_mode=args.truncation_mode,
+    from usermirror_nb.rosepo import RosePOCollator, RosePOTrainer
+    Trainer = RosePOTrainer if smoothed else DPOTrainer
+    coll = (RosePOCollator(pad_token_id=tok.pad_token_id, max_length=args.max_length, truncation_mode=args.truncation_mode,
                              pad_to_multiple_of=args.pad_to_multiple_of) if smoothed else None)
     trainer = Trainer(model=model, ref_model=ref, args=args, train_dataset=pref_dataset(df, eps), processing_class=tok,
                       data_collator=coll, callbacks=list(callbacks))
@@ -965,169 +898,3 @@ def run_finetune(cfg: Config) -> Path:
                   "pref_pairs": 0 if pref is None else len(pref), "steps": sum(m["steps"] for m in models)}, note=note)
     print(f"finetune: {len(models)} model(s) in {out} ({time.time() - t0:.0f} s){'; ' + note if note else ''}")
     return res
-
-# %% ../nbs/07_finetune.ipynb #c5347f89
-STUDY_VARIANTS = {
-    "evidence_lora_lr1e-3_letter": dict(style="evidence"),
-    "evidence_full_lr1e-4_letter": dict(style="evidence", kind="full", lr=1e-4, steps=120),
-    "evidence_lora_lr1e-3_answer": dict(style="evidence", loss_on="answer"),
-    "evidence_lora_lr2e-4_letter": dict(style="evidence", lr=2e-4),
-    "evidence_lora_lr1e-3_letter_120scenes": dict(style="evidence", n_data=120),
-    "plain_lora_lr1e-3_letter": dict(style="plain"),
-}
-
-def _study_encode(tok, row: dict, style: str, with_answer: bool, letter_ids: list) -> tuple[list, int]:
-    "Token ids of the direct-mode prompt (+ the answer) and the position whose next token is the letter."
-    from usermirror_nb.rationales import rationale_conversation
-    from usermirror_nb.scenes import render_scene
-    from usermirror_nb.uncertainty import CUE
-    conv = rationale_conversation(render_scene(row, style), int(row["choice_cnt"]))
-    ids = tok(tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True) + CUE, add_special_tokens=False).input_ids
-    pos = len(ids) - 1
-    if with_answer: ids = ids + [letter_ids[int(row["gt_pos"])]] + tok("]<|im_end|>", add_special_tokens=False).input_ids
-    return ids, pos
-
-def cache_hidden(model, tok, scenes: pd.DataFrame, style: str, freeze: int, with_answer: bool, batch_size: int = 8) -> dict:
-    "Hidden states after the bottom `freeze` layers for every scene (bf16), with ids, letter positions, gt and domain."
-    import torch
-    from tqdm.auto import tqdm
-    from usermirror_nb.llm import letter_token_ids
-    lid = letter_token_ids(tok, int(scenes["choice_cnt"].max()))
-    rows = scenes.to_dict("records")
-    enc = [_study_encode(tok, r, style, with_answer, lid) for r in rows]
-    H = []
-    for i in tqdm(range(0, len(enc), batch_size), desc=f"caching {style} ({len(enc)} scenes)", leave=False):
-        b = enc[i:i + batch_size]; L = max(len(x) for x, _ in b)
-        ids = torch.full((len(b), L), tok.pad_token_id); mask = torch.zeros((len(b), L), dtype=torch.long)
-        for j, (x, _) in enumerate(b): ids[j, :len(x)] = torch.tensor(x); mask[j, :len(x)] = 1   # right padding
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            h = model.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[freeze]
-        H += [h[j, :len(x)].to(torch.bfloat16).clone() for j, (x, _) in enumerate(b)]
-    return dict(h=H, ids=[torch.tensor(x) for x, _ in enc], pos=[p for _, p in enc], gt=[int(r["gt_pos"]) for r in rows],
-                domain=[r["domain"] for r in rows], letter_ids=lid, freeze=freeze)
-
-def _top_model(model, freeze: int, kind: str, r: int, n_layers: int):
-    "A copy whose decoder stack is layers `freeze`..end; only its last `n_layers` train (LoRA or every weight)."
-    import torch
-    m = copy.deepcopy(model)
-    m.model.layers = torch.nn.ModuleList(list(m.model.layers)[freeze:])
-    for p in m.parameters(): p.requires_grad_(False)
-    first = len(m.model.layers) - n_layers
-    if kind == "lora":
-        from peft import LoraConfig, get_peft_model
-        m = get_peft_model(m, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=list(LINEAR_MODULES),
-                                         layers_to_transform=list(range(first, len(m.model.layers)))))
-    else:
-        for l in list(m.model.layers)[first:]:
-            for p in l.parameters(): p.requires_grad_(True)
-    return m
-
-
-def _cached_batch(c: dict, idx: list):
-    import torch
-    L = max(len(c["h"][i]) for i in idx)
-    H = torch.zeros((len(idx), L, c["h"][0].shape[-1])); mask = torch.zeros((len(idx), L), dtype=torch.long)
-    for j, i in enumerate(idx): n = len(c["h"][i]); H[j, :n] = c["h"][i].float(); mask[j, :n] = 1
-    return H, mask
-
-def _top_forward(m, H, mask):
-    import torch
-    base = m.get_base_model() if hasattr(m, "get_base_model") else m
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        return base.model(inputs_embeds=H, attention_mask=mask).last_hidden_state, base.lm_head
-
-def cached_eval(m, c: dict, batch_size: int = 16) -> dict:
-    "Held-out direct-mode metrics from cached states: mean p(gt) (= expected paper accuracy), argmax accuracy, NLL, letter histogram."
-    import torch
-    m.eval(); P = []
-    for i in range(0, len(c["h"]), batch_size):
-        idx = list(range(i, min(i + batch_size, len(c["h"]))))
-        with torch.no_grad(): h, head = _top_forward(m, *_cached_batch(c, idx))
-        last = torch.stack([h[j, c["pos"][k]] for j, k in enumerate(idx)]).float()
-        with torch.no_grad(): P.append(torch.softmax(head(last)[:, c["letter_ids"]].float(), -1).numpy())
-    P = np.concatenate(P); gt = np.array(c["gt"]); dom = np.array(c["domain"]); hit = P.argmax(1) == gt
-    res = dict(accuracy=float(P[np.arange(len(gt)), gt].mean()), argmax_accuracy=float(hit.mean()),
-               nll=float(-np.log(np.maximum(P[np.arange(len(gt)), gt], 1e-12)).mean()),
-               letter_hist=np.bincount(P.argmax(1), minlength=P.shape[1]).tolist(), n=int(len(gt)))
-    res.update({f"argmax_{d}": float(hit[dom == d].mean()) for d in np.unique(dom)})
-    return res
-
-def train_cached(model, c_tr: dict, c_ev: dict, kind: str = "lora", lr: float = 1e-3, steps: int = 60, batch_size: int = 8,
-                 loss_on: str = "letter", n_data: int | None = None, r: int = 16, n_layers: int = 4, eval_every: int = 20,
-                 seed: int = 0) -> dict:
-    "Train the top layers on cached states; returns the learning curve (held-out metrics every `eval_every` steps)."
-    import torch
-    import torch.nn.functional as F
-    torch.manual_seed(seed); rng = np.random.default_rng(seed)
-    m = _top_model(model, c_tr["freeze"], kind, r, n_layers)
-    params = [p for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * max(0.0, 1 - s / steps))
-    pool = np.arange(len(c_tr["h"]) if n_data is None else min(n_data, len(c_tr["h"])))
-    curve = [dict(step=0, loss=None, examples=0, **cached_eval(m, c_ev))]
-    t0, losses = time.time(), []
-    for step in range(1, steps + 1):
-        m.train()
-        idx = rng.choice(pool, batch_size, replace=len(pool) < batch_size).tolist()
-        h, head = _top_forward(m, *_cached_batch(c_tr, idx))
-        if loss_on == "letter":
-            logits = head(torch.stack([h[j, c_tr["pos"][i]] for j, i in enumerate(idx)]).float())
-            loss = F.cross_entropy(logits, torch.tensor([c_tr["letter_ids"][c_tr["gt"][i]] for i in idx]))
-        else:   # every assistant token: "Behavior", ":", " [" (the last prompt tokens), the letter, "]", "<|im_end|>"
-            hs, tg = [], []
-            for j, i in enumerate(idx):
-                ids = c_tr["ids"][i]; p0 = c_tr["pos"][i] - 4
-                hs.append(h[j, p0:len(ids) - 1]); tg.append(ids[p0 + 1:len(ids)])
-            loss = F.cross_entropy(head(torch.cat(hs).float()), torch.cat(tg))
-        loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); sched.step(); opt.zero_grad()
-        losses.append(loss.item())
-        if step % eval_every == 0 or step == steps:
-            curve.append(dict(step=step, loss=float(np.mean(losses[-eval_every:])), examples=step * batch_size, **cached_eval(m, c_ev)))
-    return dict(kind=kind, lr=lr, steps=steps, batch=batch_size, loss_on=loss_on, n_data=int(len(pool)), lora_r=r,
-                trainable_layers=n_layers, seconds=round(time.time() - t0, 1), curve=curve)
-
-# %% ../nbs/07_finetune.ipynb #94c5b851
-def plot_study(results: list[dict], path: str | Path | None = None, chance: float = 0.2):
-    "Learning curves: held-out argmax accuracy and mean p(gt) against examples seen, one line per variant."
-    import matplotlib; matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for res in results:
-        c = pd.DataFrame(res["curve"])
-        for ax, col in zip(axes, ("argmax_accuracy", "accuracy")):
-            ax.plot(c["examples"], 100 * c[col], marker="o", label=res["name"])
-    for ax, t in zip(axes, ("argmax accuracy % (held-out)", "mean p(ground truth) % (held-out)")):
-        ax.axhline(100 * chance, color="red", ls="--", lw=1); ax.set_xlabel("training examples seen"); ax.set_title(t)
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    if path: fig.savefig(path, dpi=110); plt.close(fig)
-    return fig
-
-def run_recipe_study(cfg: Config, variants: dict | None = None, out_dir: str | Path | None = None, n_train: int = 240,
-                     n_eval: int = 100, steps: int = 60, freeze: int = 26) -> Path:
-    "Run the study on the profile's scenes (train users for training, eval users for the curves); one JSON per variant + curves.png."
-    import torch
-    from usermirror_nb.assets import load_causal_lm
-    from usermirror_nb.config import project_root
-    from usermirror_nb.scenes import load_scenes
-    variants = variants or STUDY_VARIANTS
-    out = Path(out_dir) if out_dir else project_root() / "results" / "recipe_study"
-    out.mkdir(parents=True, exist_ok=True)
-    tr = load_scenes(cfg, "train").to_pandas().sample(frac=1.0, random_state=cfg.seed).groupby("domain").head(n_train // 2)
-    ev = load_scenes(cfg, "eval").to_pandas().groupby("domain").head(n_eval // 2)
-    model, tok = load_causal_lm(cfg.models["student"].model, cfg.assets.cache_path, dtype=torch.float32)
-    model.eval()
-    for p in model.parameters(): p.requires_grad_(False)
-    caches, results = {}, []
-    for name, v in variants.items():
-        f = out / f"{name}.json"
-        if f.exists(): results.append(json.loads(f.read_text())); continue   # resumable per variant
-        v = dict(v); style = v.pop("style", "evidence")
-        if style not in caches:
-            caches[style] = (cache_hidden(model, tok, tr, style, freeze, True), cache_hidden(model, tok, ev, style, freeze, False))
-        res = dict(name=name, style=style, n_eval=int(len(ev)), freeze=freeze, **train_cached(model, *caches[style], **{"steps": steps, "seed": cfg.seed, **v}))
-        write_json(f, res); results.append(res)
-        print(name, {k: res["curve"][-1][k] for k in ("step", "loss", "accuracy", "argmax_accuracy")}, flush=True)
-    plot_study(results, out / "curves.png")
-    return out

@@ -4,11 +4,10 @@
 
 # %% ../nbs/03_llm.ipynb #32cbab82
 from __future__ import annotations
-import copy, hmac, json, logging, math, os, random, re, string, threading, time, uuid
+import copy, json, logging, math, os, random, re, string, threading, time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, asdict
 from email.utils import parsedate_to_datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -632,7 +631,7 @@ class OpenAILLM(LLM):
                 if why == "connection refused":
                     self._fail(LLMConnectionError, f"connection refused: nothing is listening at {self.base_url} ({attempt + 1} attempts). "
                                                    "Start the server first (e.g. `vllm serve MODEL --port 8000`, llama.cpp `llama-server`, "
-                                                   "or `usermirror_nb.llm.serve(llm)`) or fix base_url.")
+                                                   "or `usermirror_nb.server.serve(llm)`) or fix base_url.")
                 cls = LLMConnectionError if r is None else LLMError
                 self._fail(cls, f"{url}: {why}; giving up after {attempt + 1} attempts (max_retries={self.cfg.max_retries})")
             delay = min(self.backoff_max, wait if wait is not None else self.backoff_base * 2 ** attempt * random.uniform(0.5, 1.5))
@@ -690,130 +689,11 @@ class OpenAILLM(LLM):
     def close(self):
         self._pool.shutdown(wait=False); self._client.close()
 
-# %% ../nbs/03_llm.ipynb #044ebe26
-def serve(llm: LLM,                       # the backend to serve (TransformersLLM for logprobs; any LLM for generation)
-          host: str = "127.0.0.1", port: int = 0,   # port 0 = any free port
-          model_name: str | None = None,  # the model id clients must send (default: llm.name)
-          api_key_env: str | None = None, # NAME of an environment variable holding the key clients must send
-         ) -> tuple[ThreadingHTTPServer, str]:
-    "Serve `llm` over a real OpenAI-compatible HTTP API in a daemon thread; returns (server, base_url ending in /v1)."
-    name, lock = model_name or llm.name, threading.Lock()
-    key = None
-    if api_key_env:
-        key = os.environ.get(api_key_env)
-        if not key: raise LLMError(f"serve: the environment variable {api_key_env} (the key clients must send) is not set")
-
-    def _top(lp: np.ndarray, n: int):
-        idx = np.argsort(-lp)[:n]
-        return [(llm.token_text(t), float(lp[t]), int(t)) for t in idx]
-
-    def _sample(lp, temperature, rng):
-        if temperature == 0: return int(np.argmax(lp))
-        z = lp / temperature; p = np.exp(z - z.max()); p /= p.sum()
-        return int(rng.choice(len(p), p=p))
-
-    def _trim(text, stop):
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        hits = [text.find(s) for s in stops if s and s in text]
-        return (text[:min(hits)], "stop") if hits else (text, None)
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        def log_message(self, fmt, *args): log.debug("serve: " + fmt % args)
-        def _send(self, code, obj):
-            b = json.dumps(obj).encode()
-            self.send_response(code); self.send_header("Content-Type", "application/json"); self.send_header("Content-Length", str(len(b)))
-            self.end_headers(); self.wfile.write(b)
-        def _err(self, code, msg, typ="invalid_request_error"): self._send(code, {"error": {"message": msg, "type": typ, "code": code}})
-        def _authorised(self):
-            if key is None: return True
-            if hmac.compare_digest(self.headers.get("Authorization", "").encode(), f"Bearer {key}".encode()): return True
-            self._err(401, "invalid or missing API key", "authentication_error"); return False
-        def do_GET(self):
-            if not self._authorised(): return
-            if self.path.rstrip("/") == "/v1/models":
-                return self._send(200, {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "usermirror_nb"}]})
-            self._err(404, f"no route GET {self.path}")
-        def do_POST(self):
-            try: body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
-            except ValueError: return self._err(400, "the request body is not JSON")
-            if not self._authorised(): return
-            route = self.path.rstrip("/")
-            if route not in ("/v1/chat/completions", "/v1/completions"): return self._err(404, f"no route POST {self.path}")
-            if body.get("model") != name: return self._err(404, f"The model `{body.get('model')}` does not exist; this server serves `{name}`.", "NotFoundError")
-            try:
-                with lock: res = (self._chat if route.endswith("chat/completions") else self._completion)(body)
-            except (ValueError, KeyError, TypeError, IndexError) as e: return self._err(400, f"bad request: {e}")
-            except Exception as e:
-                log.exception("serve: request failed"); return self._err(500, f"{type(e).__name__}: {e}", "server_error")
-            self._send(200, res)
-
-        def _params(self, body):
-            return (int(body.get("n") or 1), float(body.get("temperature", 1.0)), float(body.get("top_p", 1.0)),
-                    int(body.get("max_tokens") or body.get("max_completion_tokens") or 256), int(body.get("seed") or 0))
-
-        def _next_token(self, lp, n, temperature, seed, top_n):
-            rng = np.random.default_rng(seed)
-            toks = [_sample(lp, temperature, rng) for _ in range(n)]
-            return toks, (_top(lp, top_n) if top_n else [])
-
-        def _chat(self, body):
-            msgs, prefix = list(body["messages"]), ""
-            if body.get("continue_final_message"):
-                if not msgs or msgs[-1].get("role") != "assistant": raise ValueError("continue_final_message needs a final assistant message")
-                prefix, msgs = msgs[-1]["content"], msgs[:-1]
-            _check_conversation(msgs)
-            n, temp, top_p, max_tokens, seed = self._params(body)
-            choices = []
-            if body.get("logprobs"):
-                if max_tokens != 1: raise ValueError("this server returns logprobs only with max_tokens=1")
-                if not hasattr(llm, "next_token_logprobs"): raise ValueError(f"{type(llm).__name__} cannot compute logprobs")
-                lp = llm.next_token_logprobs(msgs, prefix)
-                toks, top = self._next_token(lp, n, temp, seed, int(body.get("top_logprobs") or 0))
-                ent = lambda t, l: {"token": t, "logprob": l, "bytes": list(t.encode())}
-                for c, t in enumerate(toks):
-                    txt = llm.token_text(t)
-                    choices.append({"index": c, "message": {"role": "assistant", "content": txt}, "finish_reason": "length",
-                                    "logprobs": {"content": [{**ent(txt, float(lp[t])), "top_logprobs": [ent(a, b) for a, b, _ in top]}]}})
-            else:
-                texts = llm.generate([msgs], n=n, sampling=Sampling(temp, top_p if top_p > 0 else 1.0, max_tokens, seed), assistant_prefix=prefix)[0]
-                for c, t in enumerate(texts):
-                    t, reason = _trim(t, body.get("stop"))
-                    reason = reason or ("length" if hasattr(llm, "count_tokens") and llm.count_tokens(t) >= max_tokens else "stop")
-                    choices.append({"index": c, "message": {"role": "assistant", "content": t}, "finish_reason": reason, "logprobs": None})
-            return {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion", "created": int(time.time()), "model": name, "choices": choices}
-
-        def _completion(self, body):
-            prompt = body["prompt"]
-            if isinstance(prompt, list):
-                if len(prompt) != 1 or not isinstance(prompt[0], str): raise ValueError("this server takes one string prompt per request")
-                prompt = prompt[0]
-            if not hasattr(llm, "generate_prompts"): raise ValueError(f"{type(llm).__name__} cannot complete raw prompts")
-            prompt = llm.with_bos(prompt)
-            n, temp, top_p, max_tokens, seed = self._params(body)
-            choices = []
-            if body.get("logprobs") is not None and body.get("logprobs") is not False:
-                if max_tokens != 1: raise ValueError("this server returns logprobs only with max_tokens=1")
-                lp = llm.next_token_logprobs_text(prompt)
-                toks, top = self._next_token(lp, n, temp, seed, int(body["logprobs"]))
-                d = {}
-                for a, b, _ in top: d.setdefault(a, b)
-                for c, t in enumerate(toks):
-                    txt = llm.token_text(t)
-                    choices.append({"index": c, "text": txt, "finish_reason": "length",
-                                    "logprobs": {"tokens": [txt], "token_logprobs": [float(lp[t])], "top_logprobs": [d], "text_offset": [0]}})
-            else:
-                for c, t in enumerate(llm.generate_prompts([prompt], n, Sampling(temp, top_p if top_p > 0 else 1.0, max_tokens, seed))[0]):
-                    t, reason = _trim(t, body.get("stop"))
-                    choices.append({"index": c, "text": t, "finish_reason": reason or ("length" if llm.count_tokens(t) >= max_tokens else "stop"), "logprobs": None})
-            return {"id": f"cmpl-{uuid.uuid4().hex[:12]}", "object": "text_completion", "created": int(time.time()), "model": name, "choices": choices}
-
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True, name=f"serve-{name}").start()
-    base_url = f"http://{host}:{server.server_address[1]}/v1"
-    server.base_url = base_url
-    return server, base_url
+# %% ../nbs/03_llm.ipynb #a9d66784
+def serve(llm: LLM, *args, **kwargs):
+    "Moved to `usermirror_nb.server.serve` (03a_server); kept here so older imports keep working."
+    from usermirror_nb.server import serve as _serve
+    return _serve(llm, *args, **kwargs)
 
 # %% ../nbs/03_llm.ipynb #9f61d72f
 class VLLMLLM(LLM):
