@@ -502,8 +502,8 @@ def _fingerprint(obj) -> str:
 def _finished(out_dir: Path, fingerprint: str) -> dict | None:
     f = out_dir / "usermirror.json"
     if f.exists():
-        um = json.loads(f.read_text())
-        if um.get("fingerprint") == fingerprint: return um
+        card = json.loads(f.read_text())
+        if card.get("fingerprint") == fingerprint: return card
     return None
 
 def _prepare_folder(out_dir: Path, spec: dict):
@@ -552,15 +552,15 @@ def _train_and_save(trainer, out_dir: Path, tokenizer, info: dict, fcfg: Finetun
     plot_training(hist, out_dir / "loss.png", info["name"])
     losses = [h["loss"] for h in hist if "loss" in h]
     toks = [h["num_tokens"] for h in hist if "num_tokens" in h]
-    um = {**info, "kind": kind, "steps": int(st.global_step), "final_loss": float(losses[-1]) if losses else None,
+    card = {**info, "kind": kind, "steps": int(st.global_step), "final_loss": float(losses[-1]) if losses else None,
           "seconds": round(secs, 1), "resumed_from": Path(last).name if last else None,
           "tokens_trained": int(toks[-1]) if toks else None, "config": dataclasses.asdict(fcfg), "complete": True}
     if fcfg.merge and kind == "adapter":
         merge_adapter(info["base_model"], out_dir, out_dir / "merged", cache_dir)
-        um["merged_path"] = "merged"
-    write_json(out_dir / "usermirror.json", um)          # written last: the folder is finished
+        card["merged_path"] = "merged"
+    write_json(out_dir / "usermirror.json", card)          # written last: the folder is finished
     shutil.rmtree(ck, ignore_errors=True)
-    return um
+    return card
 
 def _frame(ds) -> pd.DataFrame:
     return ds if isinstance(ds, pd.DataFrame) else ds.to_pandas() if hasattr(ds, "to_pandas") else pd.DataFrame(ds)
@@ -601,19 +601,19 @@ def train_sft(base_model: str,                 # the student (registry name, fol
             "eval_every": eval_every}
     info["fingerprint"] = fp = _fingerprint(spec)
     if (done := _finished(out_dir, fp)) is not None: return done
-    tt = training_tokenizer(tok) if fcfg.loss_on == "assistant" and readout not in HISTORY_READOUTS else tok    # letter labels come from the ids alone
-    ds = sft_dataset(df, tt, fcfg.loss_on, readout)
+    train_tok = training_tokenizer(tok) if fcfg.loss_on == "assistant" and readout not in HISTORY_READOUTS else tok    # letter labels come from the ids alone
+    ds = sft_dataset(df, train_tok, fcfg.loss_on, readout)
     args = sft_config(fcfg, out_dir / "checkpoints", device, seed, **args_overrides)
     lcfg = None if fcfg.method == "full" else lora_config(fcfg, num_layers(base_model, cache_dir) if fcfg.lora_layers else None)
     _prepare_folder(out_dir, {"fingerprint": fp, **spec, "name": info["name"], "device": device, "train_examples": len(df),
                               "sft_config": args.to_dict(), "lora": None if fcfg.method == "full" else lcfg.to_dict(),
-                              "chat_template": tt.chat_template, "versions": package_versions()})
+                              "chat_template": train_tok.chat_template, "versions": package_versions()})
     seed_everything(seed)
     from trl import SFTTrainer
     model = load_student(base_model, fcfg.method, cache_dir, device)
     cbs = list(callbacks)
     if eval_scenes is not None and eval_every > 0: cbs.append(held_out_callback(eval_scenes, tok, base_model, eval_every, readout=readout))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tt, callbacks=cbs,
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=train_tok, callbacks=cbs,
                          peft_config=lcfg)
     if compact_head and _on_cpu(device): compact_lm_head(_unwrap(trainer.model))
     return _train_and_save(trainer, out_dir, tok, info, fcfg, cache_dir)
@@ -693,13 +693,13 @@ def load_finetuned(model_dir: str | Path, cache_dir=None, device: str = "cpu", d
     import torch
     from usermirror_nb.assets import load_causal_lm
     model_dir = Path(model_dir)
-    um = json.loads((model_dir / "usermirror.json").read_text())
-    if um["kind"] == "adapter":
+    card = json.loads((model_dir / "usermirror.json").read_text())
+    if card["kind"] == "adapter":
         from peft import PeftModel
-        base, tok = load_causal_lm(um["base_model"], cache_dir, dtype=getattr(torch, dtype), device=device)
+        base, tok = load_causal_lm(card["base_model"], cache_dir, dtype=getattr(torch, dtype), device=device)
         return PeftModel.from_pretrained(base, str(model_dir)).eval(), tok
     model, _ = load_causal_lm(model_dir, cache_dir, dtype=getattr(torch, dtype), device=device)
-    return model.eval(), load_tokenizer(um["base_model"], cache_dir)
+    return model.eval(), load_tokenizer(card["base_model"], cache_dir)
 
 # %% ../nbs/07_finetune.ipynb #c91bec0e
 def lm_sequences(dom,                       # a prepared domain (scenes.prepare_domain)
@@ -786,13 +786,13 @@ def train_lm(base_model: str,                  # the student (registry name, fol
     if eval_scenes is not None and eval_every > 0: cbs.append(held_out_callback(eval_scenes, tok, base_model, eval_every, readout=readout))
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": blocks}), processing_class=tok,
                       data_collator=DataCollatorForLanguageModeling(tok, mlm=False), callbacks=cbs)
-    um = _train_and_save(trainer, out_dir, tok, info, fcfg, cache_dir)
-    if um.get("complete"):
+    card = _train_and_save(trainer, out_dir, tok, info, fcfg, cache_dir)
+    if card.get("complete"):
         seen = [h["num_input_tokens_seen"] for h in trainer.state.log_history if "num_input_tokens_seen" in h]
-        um["tokens_trained"] = int(seen[-1]) if seen else int(trainer.state.global_step * fcfg.lm_batch_size * fcfg.lm_block_size)
-        um["passes"] = round(um["tokens_trained"] / max(1, len(blocks) * fcfg.lm_block_size), 3)
-        write_json(out_dir / "usermirror.json", um)
-    return um
+        card["tokens_trained"] = int(seen[-1]) if seen else int(trainer.state.global_step * fcfg.lm_batch_size * fcfg.lm_block_size)
+        card["passes"] = round(card["tokens_trained"] / max(1, len(blocks) * fcfg.lm_block_size), 3)
+        write_json(out_dir / "usermirror.json", card)
+    return card
 
 def ensure_lm(cfg: Config) -> Path:
     "The folder of the profile's domain-trained student (`finetune/lm`), trained (or resumed) now if it is not finished."
@@ -805,9 +805,9 @@ def ensure_lm(cfg: Config) -> Path:
         from usermirror_nb.scenes import load_scenes
         v = load_scenes(cfg, "valid").to_pandas()
         ev = v.groupby("domain", sort=True).head(fcfg.lm_eval_scenes) if fcfg.lm_eval_scenes else v
-    um = train_lm(st.model, lm_corpus(cfg), fcfg, out, cache, cfg.seed, get_device(st.device), eval_scenes=ev,
+    card = train_lm(st.model, lm_corpus(cfg), fcfg, out, cache, cfg.seed, get_device(st.device), eval_scenes=ev,
                   eval_every=fcfg.lm_eval_every if ev is not None else 0, readout="history")   # the readout in the corpus's own format
-    if um.get("complete") is False: raise RuntimeError(f"finetune: lm stopped at step {um['steps']} of {um['max_steps']}; rerun to resume")
+    if card.get("complete") is False: raise RuntimeError(f"finetune: lm stopped at step {card['steps']} of {card['max_steps']}; rerun to resume")
     return out
 
 
@@ -884,13 +884,13 @@ def run_finetune(cfg: Config) -> Path:
     for j in jobs:
         print(f"finetune: {j['name']} ({len(j['data'])} examples)", flush=True)
         if j["kind"] == "sft":
-            um = train_sft(base, j["data"], fcfg, out / j["name"], cache, cfg.seed, device=device, name=j["name"], meta=j["meta"], source=j["source"],
+            card = train_sft(base, j["data"], fcfg, out / j["name"], cache, cfg.seed, device=device, name=j["name"], meta=j["meta"], source=j["source"],
                            readout=readout, scenes=scenes)
         else:
-            um = train_dpo(base, out / "sft", j["data"], fcfg, out / j["name"], smoothed=j["kind"] == "dpo_smoothed", cache_dir=cache,
+            card = train_dpo(base, out / "sft", j["data"], fcfg, out / j["name"], smoothed=j["kind"] == "dpo_smoothed", cache_dir=cache,
                            seed=cfg.seed, device=device, name=j["name"], source=j["source"], readout=readout)
-        if um.get("complete") is False: raise RuntimeError(f"finetune: {j['name']} stopped at step {um['steps']} of {um['max_steps']}; rerun to resume")
-        models.append({**um, "path": j["name"]})
+        if card.get("complete") is False: raise RuntimeError(f"finetune: {j['name']} stopped at step {card['steps']} of {card['max_steps']}; rerun to resume")
+        models.append({**card, "path": j["name"]})
     res = write_json(out / "models.json", {"models": models, "skipped": skipped, "config_hash": cfg.hash()})
     note = "; ".join(f"{s['name']} skipped: {s['reason']}" for s in skipped)
     record_stage(cfg, "finetune", "done", res, time.time() - t0,
