@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import LM_MODEL, SELF, Config, LLMConfig, get_device, record_stage, resolve_dtype, write_json
+from .config import LM_MODEL, SELF, Config, ConfigError, LLMConfig, get_device, record_stage, resolve_dtype, write_json
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 __all__ = ['log', 'LETTERS', 'BEHAVIOR_CONTEXT', 'PLAIN_ANSWER', 'DEMO_CONTINUATIONS', 'LLMError', 'LLMAuthError',
            'LLMNotFoundError', 'LLMConnectionError', 'Sampling', 'ChoiceProbs', 'LLM', 'letter_token_ids',
            'resolve_template', 'render_prompt', 'TransformersLLM', 'prefill', 'option_logprobs', 'generate_fields',
-           'OpenAILLM', 'serve', 'VLLMLLM', 'make_llm', 'demo_conversations', 'run_llm']
+           'OpenAILLM', 'serve', 'VLLMLLM', 'make_llm', 'check_training_template', 'demo_conversations', 'run_llm']
 
 # %% ../nbs/03_llm.ipynb #9a38a1ac
 LETTERS = string.ascii_uppercase
@@ -747,6 +747,21 @@ def make_llm(cfg: LLMConfig, cache_dir=None) -> LLM:
     if cfg.backend == "vllm": return VLLMLLM(cfg, cache_dir)
     raise ValueError(f"unknown backend {cfg.backend!r}; backends: transformers, openai, vllm")
 
+# %% ../nbs/03_llm.ipynb #d2422d12
+def check_training_template(cfg: Config) -> str:
+    "Stage 07's `loss_on: assistant` needs a chat template with generation markers for the student: check it here, before any model loads and hours of stages 04–06."
+    f, st = cfg.finetune, cfg.models["student"]
+    if f.loss_on != "assistant" or st.backend != "transformers" or st.model in (LM_MODEL, SELF):
+        return f"not needed (loss_on {f.loss_on!r}, student backend {st.backend!r})"
+    from usermirror_nb.config import HISTORY_READOUTS
+    if st.readout in HISTORY_READOUTS: return f"not needed (a {st.readout} student trains on prompt/completion text)"
+    from usermirror_nb.finetune import has_generation_markers, load_tokenizer, training_tokenizer
+    tok = load_tokenizer(st.model, cfg.assets.cache_path)
+    try: train_tok = training_tokenizer(tok)
+    except ValueError as e:
+        raise ConfigError(f"finetune.loss_on='assistant' with models.student.model {st.model!r}: {e}") from None
+    return "its own template has generation markers" if has_generation_markers(tok.chat_template) else "a marked copy renders like its template"
+
 # %% ../nbs/03_llm.ipynb #ea72113f
 _DEMO_ITEMS = ["Fargo (1996) — Crime, Drama", "Babe (1995) — Children's, Comedy", "Heat (1995) — Action, Crime",
                "Clueless (1995) — Comedy, Romance", "Casino (1995) — Crime, Drama", "Toy Story (1995) — Animation, Comedy",
@@ -774,6 +789,7 @@ DEMO_CONTINUATIONS = [BEHAVIOR_CONTEXT, "Stimulus: a free evening.\nKnowledge: t
 def run_llm(cfg: Config, demo_tokens: int = 32) -> Path:
     "Stage 03: build each role's backend, check letters, run a tiny real demo, write `results/<profile>/llm/models.json`."
     t0, k = time.time(), cfg.scenes.k
+    template_check = check_training_template(cfg)         # before any model loads
     convs, built, weights, roles, loads = demo_conversations(k), {}, {}, {}, 0
     sampling = Sampling(temperature=cfg.rationales.temperature, top_p=cfg.rationales.top_p, max_new_tokens=demo_tokens,
                         seed=cfg.seed, stop_regex=r"Behavior:\s*\[[A-Z]\]")
@@ -817,6 +833,7 @@ def run_llm(cfg: Config, demo_tokens: int = 32) -> Path:
     finally:
         for llm, _ in built.values(): llm.close()
     out = write_json(cfg.stage_dir("llm") / "models.json",
-                     dict(profile=cfg.profile, config_hash=cfg.hash(), k=k, roles=roles, demo_conversations=convs))
+                     dict(profile=cfg.profile, config_hash=cfg.hash(), k=k, roles=roles, demo_conversations=convs,
+                          training_template=template_check))
     record_stage(cfg, "llm", "done", out, time.time() - t0, {"roles": len(roles), "backends": len(built), "loaded": loads})
     return out
