@@ -514,3 +514,16 @@ def test_recipe_study_cache_is_the_full_model(scenes):
     tr = cache_hidden(model, tok, scenes[scenes.split == "train"].head(4), "evidence", freeze=28, with_answer=True)
     out = train_cached(model, tr, c, kind="full", lr=1e-4, steps=2, batch_size=2, n_layers=1, eval_every=1)
     assert [p["step"] for p in out["curve"]] == [0, 1, 2] and all(math.isfinite(p["loss"]) for p in out["curve"][1:])
+
+
+def test_gpu_precision_falls_back_to_fp16_where_the_gpu_has_no_bf16(monkeypatch):
+    "#11.6: bf16 was hard-coded for GPU training (it raises on GPUs without bf16, e.g. T4/V100)."
+    import torch
+    from usermirror_nb.finetune import _common_args, half_dtype, precision_args
+    assert precision_args("cpu") == {"bf16": False, "fp16": False}
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert half_dtype("cuda") == torch.float16 and precision_args("cuda:1") == {"bf16": False, "fp16": True}
+    a = _common_args(fcfg(), "out", "cuda", 0)
+    assert (a["bf16"], a["fp16"], a["use_cpu"]) == (False, True, False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert half_dtype("cuda") == torch.bfloat16 and precision_args("cuda") == {"bf16": True, "fp16": False}

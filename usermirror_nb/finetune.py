@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from .config import (HISTORY_READOUTS, Config, FinetuneConfig, LLMConfig, get_device, load_config, package_versions,
+from .config import (HISTORY_READOUTS, Config, FinetuneConfig, LLMConfig, get_device, load_config, package_versions, resolve_dtype,
                                   record_stage, seed_everything, write_json)
 from .rationales import SYSTEM_PROMPT, rationale_conversation
 from .scenes import LETTERS, letters, render_scene
@@ -24,10 +24,10 @@ __all__ = ['SFT_COLUMNS', 'PREF_COLUMNS', 'CHATML_GENERATION_TEMPLATE', 'HISTORY
            'token_lengths', 'validate_sft', 'validate_pref', 'read_table', 'has_generation_markers',
            'renders_identically', 'load_tokenizer', 'training_tokenizer', 'letter_example', 'sft_dataset',
            'readout_answer', 'answer_example', 'history_sft_rows', 'history_example', 'pref_dataset', 'compact_lm_head',
-           'qlora_memory_gb', 'num_layers', 'lora_config', 'cpu_trainable_4bit', 'load_student', 'sft_config',
-           'dpo_config', 'held_out_callback', 'stop_after', 'plot_training', 'train_sft', 'train_dpo', 'merge_adapter',
-           'load_finetuned', 'lm_sequences', 'lm_blocks', 'lm_corpus', 'train_lm', 'ensure_lm', 'answer_only_rows',
-           'restyle', 'run_finetune']
+           'half_dtype', 'precision_args', 'qlora_memory_gb', 'num_layers', 'lora_config', 'cpu_trainable_4bit',
+           'load_student', 'sft_config', 'dpo_config', 'held_out_callback', 'stop_after', 'plot_training', 'train_sft',
+           'train_dpo', 'merge_adapter', 'load_finetuned', 'lm_sequences', 'lm_blocks', 'lm_corpus', 'train_lm',
+           'ensure_lm', 'answer_only_rows', 'restyle', 'run_finetune']
 
 # %% ../nbs/07_finetune.ipynb #2f771c43
 class DatasetError(ValueError):
@@ -351,6 +351,19 @@ def compact_lm_head(model,                      # the transformers causal LM trl
 
 def _on_cpu(device: str) -> bool: return not str(device).startswith("cuda")
 
+# %% ../nbs/07_finetune.ipynb #f9a43290
+def half_dtype(device: str):
+    "The 16-bit dtype for weights and compute on `device`: bf16 on a GPU that has it, fp16 on one that does not (bf16 raises there); bf16 on CPU (bitsandbytes' CPU kernels)."
+    import torch
+    return torch.bfloat16 if _on_cpu(device) else getattr(torch, resolve_dtype("auto", device))
+
+def precision_args(device: str) -> dict:
+    "TrainingArguments' mixed-precision flags for `device`: none on CPU, bf16 or fp16 on a GPU."
+    if _on_cpu(device): return {"bf16": False, "fp16": False}
+    import torch
+    half = half_dtype(device)
+    return {"bf16": half == torch.bfloat16, "fp16": half == torch.float16}
+
 # %% ../nbs/07_finetune.ipynb #5f853f37
 def qlora_memory_gb(params: float = 3.21e9, layers: int = 28, hidden: int = 3072, intermediate: int = 8192, kv_dim: int = 1024,
                     vocab: int = 128256, lora_r: int = 16, batch: int = 8, seq_len: int = 1024,
@@ -409,7 +422,7 @@ def load_student(base_model: str,             # registry name, local folder or H
                  cache_dir=None, device: str = "cpu",
                  path: str | Path | None = None,  # load weights from this folder instead (a full fine-tune)
                 ):
-    "The model to train: fp32 on CPU / bf16 on GPU (lora), fp32 (full), nf4 + kbit preparation (qlora)."
+    "The model to train: fp32 on CPU / 16-bit on GPU (lora; bf16, or fp16 where the GPU has no bf16), fp32 (full), nf4 + kbit preparation (qlora)."
     import torch
     from transformers import AutoModelForCausalLM
     from usermirror_nb.assets import model_path
@@ -419,20 +432,20 @@ def load_student(base_model: str,             # registry name, local folder or H
         from peft import prepare_model_for_kbit_training
         from transformers import BitsAndBytesConfig
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(src, quantization_config=q, dtype=torch.bfloat16, device_map={"": device}, **kw)
+                               bnb_4bit_compute_dtype=half_dtype(device))
+        model = AutoModelForCausalLM.from_pretrained(src, quantization_config=q, dtype=half_dtype(device), device_map={"": device}, **kw)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
         if _on_cpu(device): cpu_trainable_4bit(model)
         return model
-    dtype = torch.bfloat16 if (method == "lora" and not _on_cpu(device)) else torch.float32
+    dtype = half_dtype(device) if (method == "lora" and not _on_cpu(device)) else torch.float32
     return AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw).to(device)
 
 # %% ../nbs/07_finetune.ipynb #7c651652
 def _common_args(fcfg: FinetuneConfig, output_dir, device: str, seed: int) -> dict:
     gpu = not _on_cpu(device)
-    return dict(output_dir=str(output_dir), per_device_train_batch_size=fcfg.batch_size, gradient_accumulation_steps=fcfg.grad_accum,
+    return dict(**precision_args(device), output_dir=str(output_dir), per_device_train_batch_size=fcfg.batch_size, gradient_accumulation_steps=fcfg.grad_accum,
                 max_length=fcfg.max_length, gradient_checkpointing=fcfg.gradient_checkpointing or fcfg.method == "qlora",
-                gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=gpu, use_cpu=not gpu, seed=seed, data_seed=seed,
+                gradient_checkpointing_kwargs={"use_reentrant": False}, use_cpu=not gpu, seed=seed, data_seed=seed,
                 logging_steps=1, save_strategy="steps", save_steps=fcfg.save_steps, save_total_limit=1, report_to=[],
                 disable_tqdm=True, dataloader_num_workers=0)
 
@@ -774,7 +787,7 @@ def train_lm(base_model: str,                  # the student (registry name, fol
     gpu = not _on_cpu(device)
     args = TrainingArguments(**{**dict(output_dir=str(out_dir / "checkpoints"), per_device_train_batch_size=fcfg.lm_batch_size,
                                        learning_rate=fcfg.lm_lr, num_train_epochs=fcfg.lm_epochs, max_steps=fcfg.lm_max_steps,
-                                       warmup_steps=min(20, max(1, len(blocks) // (20 * fcfg.lm_batch_size))), bf16=gpu, use_cpu=not gpu,
+                                       warmup_steps=min(20, max(1, len(blocks) // (20 * fcfg.lm_batch_size))), **precision_args(device), use_cpu=not gpu,
                                        seed=seed, data_seed=seed, logging_steps=5, save_strategy="steps", save_steps=fcfg.lm_save_steps,
                                        save_total_limit=1, report_to=[], disable_tqdm=True, dataloader_num_workers=0,
                                        include_num_input_tokens_seen=True), **args_overrides})
