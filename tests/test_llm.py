@@ -267,3 +267,15 @@ def test_an_assistant_loss_the_students_template_cannot_mark_stops_stage_03_befo
     assert not (cfg.results_dir / "llm" / "models.json").exists()
     ok = config_from_dict({"profile": "t", "domains": dom, "models": {"student": {"model": str(folder)}}, "finetune": {"loss_on": "letter"}})
     assert check_training_template(ok).startswith("not needed")
+
+
+def test_close_frees_the_model_and_returns_cuda_memory(monkeypatch):
+    "#11.7: a closed backend must not keep its weights alive, and on CUDA the cached blocks go back (the next role's model needs them)."
+    import torch, weakref
+    from usermirror_nb.llm import make_llm
+    llm = make_llm(LLMConfig(model="smollm2-135m-instruct", batch_size=2))
+    ref, emptied = weakref.ref(llm.model), []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)          # after loading: the model stays on the CPU
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(ref() is None))
+    llm.close()
+    assert emptied == [True] and llm.model is None                          # collected before the cache is emptied

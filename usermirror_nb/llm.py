@@ -18,9 +18,10 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'LETTERS', 'BEHAVIOR_CONTEXT', 'PLAIN_ANSWER', 'DEMO_CONTINUATIONS', 'LLMError', 'LLMAuthError',
-           'LLMNotFoundError', 'LLMConnectionError', 'Sampling', 'ChoiceProbs', 'LLM', 'letter_token_ids',
-           'resolve_template', 'render_prompt', 'TransformersLLM', 'prefill', 'option_logprobs', 'generate_fields',
-           'OpenAILLM', 'serve', 'VLLMLLM', 'make_llm', 'check_training_template', 'demo_conversations', 'run_llm']
+           'LLMNotFoundError', 'LLMConnectionError', 'Sampling', 'ChoiceProbs', 'LLM', 'free_accelerator_memory',
+           'letter_token_ids', 'resolve_template', 'render_prompt', 'TransformersLLM', 'prefill', 'option_logprobs',
+           'generate_fields', 'OpenAILLM', 'serve', 'VLLMLLM', 'make_llm', 'check_training_template',
+           'demo_conversations', 'run_llm']
 
 # %% ../nbs/03_llm.ipynb #9a38a1ac
 LETTERS = string.ascii_uppercase
@@ -71,6 +72,13 @@ class LLM:
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
     def __repr__(self): return f"{type(self).__name__}({self.name!r}, template={self.template!r})"
+
+def free_accelerator_memory():
+    "Collect what a closed backend dropped and, on CUDA, return the cached blocks to the driver."
+    import gc
+    gc.collect()
+    import torch
+    if torch.cuda.is_available(): torch.cuda.empty_cache()
 
 # %% ../nbs/03_llm.ipynb #5fcec7da
 def _check_conversation(conv, i=0):
@@ -370,7 +378,9 @@ class TransformersLLM(LLM):
     def count_tokens(self, text: str) -> int: return len(self.encode(text))
 
     def close(self):
+        "Drop the model; on CUDA its memory goes back to the driver, so the next role's model fits."
         self.model = None
+        free_accelerator_memory()
 
 # %% ../nbs/03_llm.ipynb #37b52a75
 def _shared_prefix_len(seqs: list[list[int]]) -> int:
@@ -737,7 +747,15 @@ class VLLMLLM(LLM):
         lp = np.array([o.prompt_logprobs[-1][p["prompt_token_ids"][-1]].logprob for o, p in zip(outs, prompts)]).reshape(len(jobs), k)
         return [_letter_result(lp[[r for r, (i2, _) in enumerate(jobs) if i2 == i]].reshape(-1, k), i, context) for i in range(len(conversations))]
 
-    def close(self): self.engine = None
+    def close(self):
+        "Shut the engine down (its workers and KV cache) and hand the GPU memory back before another backend loads."
+        engine, self.engine = getattr(self, "engine", None), None
+        core = getattr(getattr(engine, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            try: core.shutdown()
+            except Exception as e: log.warning(f"{self.name}: engine shutdown: {e}")
+        del engine, core
+        free_accelerator_memory()
 
 # %% ../nbs/03_llm.ipynb #72bc53f4
 def make_llm(cfg: LLMConfig, cache_dir=None) -> LLM:
