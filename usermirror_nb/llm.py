@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 __all__ = ['log', 'LETTERS', 'BEHAVIOR_CONTEXT', 'PLAIN_ANSWER', 'DEMO_CONTINUATIONS', 'LLMError', 'LLMAuthError',
            'LLMNotFoundError', 'LLMConnectionError', 'Sampling', 'ChoiceProbs', 'LLM', 'free_accelerator_memory',
            'letter_token_ids', 'resolve_template', 'render_prompt', 'TransformersLLM', 'prefill', 'option_logprobs',
-           'generate_fields', 'OpenAILLM', 'serve', 'VLLMLLM', 'make_llm', 'check_training_template',
+           'generate_fields', 'literal_stop', 'OpenAILLM', 'serve', 'VLLMLLM', 'make_llm', 'check_training_template',
            'demo_conversations', 'run_llm']
 
 # %% ../nbs/03_llm.ipynb #9a38a1ac
@@ -546,6 +546,25 @@ TransformersLLM.generate_fields = generate_fields
 
 
 # %% ../nbs/03_llm.ipynb #8ba0daed
+_REGEX_META = set(".^$*+?{}[]|()")
+
+def literal_stop(regex: str | None) -> str | None:
+    "The one string `regex` matches when it is a plain literal (r'\\n' -> a newline), else None: servers take literal stop strings only."
+    if not regex: return None
+    out, i, esc = [], 0, {"n": "\n", "t": "\t"}
+    while i < len(regex):
+        c = regex[i]
+        if c == "\\":
+            if i + 1 >= len(regex): return None
+            d = regex[i + 1]
+            if d in esc: out.append(esc[d])
+            elif not d.isalnum(): out.append(d)
+            else: return None                      # \\s, \\d, \\b ...: a class, not a literal
+            i += 2
+        elif c in _REGEX_META: return None
+        else: out.append(c); i += 1
+    return "".join(out)
+
 def _letters_from_top(top: list[tuple[str, float]], k: int, i: int, j: int) -> tuple[np.ndarray, float]:
     "(probs over the k letters, mass of the letters found) from a top-logprobs list [(token, logprob)]; missing letters share the leftover mass."
     p, found, total = np.zeros(k), np.zeros(k, bool), 0.0
@@ -657,6 +676,7 @@ class OpenAILLM(LLM):
         while len(texts) < n:
             body = dict(model=self.model, n=n - len(texts), temperature=sampling.temperature, top_p=sampling.top_p,
                         max_tokens=sampling.max_new_tokens, seed=seed)
+            if (stop := literal_stop(sampling.stop_regex)) is not None: body["stop"] = [stop]     # the server stops there (a regex stays client-side)
             if self.template == "plain":
                 body["prompt"] = render_prompt(None, conv, prefix, "plain")
                 choices = self.post("/completions", body).get("choices") or []
