@@ -279,3 +279,18 @@ def test_close_frees_the_model_and_returns_cuda_memory(monkeypatch):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(ref() is None))
     llm.close()
     assert emptied == [True] and llm.model is None                          # collected before the cache is emptied
+
+
+def test_a_template_that_stamps_today_gives_the_same_prompt_every_day(tmp_path):
+    "#11.11: Llama-3.2's template writes strftime_now() into every prompt, so prompts (and cached results) changed daily."
+    import datetime
+    from usermirror_nb.assets import TEMPLATE_DATE
+    from usermirror_nb.finetune import load_tokenizer
+    from usermirror_nb.llm import render_prompt
+    tok = load_tokenizer("smollm2-135m-instruct")
+    tok.chat_template = "Today Date: {{ strftime_now('%d %b %Y') }}\n{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    folder = tmp_path / "dated"; tok.save_pretrained(folder)
+    today = datetime.date.today().strftime("%d %b %Y")
+    conv = [{"role": "user", "content": "Which film?"}]
+    text = render_prompt(load_tokenizer(str(folder)), conv, template="chat")
+    assert text.startswith(f"Today Date: {TEMPLATE_DATE}\n") and (today == TEMPLATE_DATE or today not in text)

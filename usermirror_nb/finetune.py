@@ -181,9 +181,9 @@ def _trl_training_template(tokenizer):
 def load_tokenizer(base_model: str, cache_dir=None):
     "The base student's tokenizer (no model), pad = eos if it has none."
     from transformers import AutoTokenizer
-    from usermirror_nb.assets import model_path
+    from usermirror_nb.assets import model_path, pin_template_date
     p = model_path(base_model, cache_dir)
-    tok = AutoTokenizer.from_pretrained(p, **({"local_files_only": True} if isinstance(p, Path) else {}))
+    tok = pin_template_date(AutoTokenizer.from_pretrained(p, **({"local_files_only": True} if isinstance(p, Path) else {})))
     if tok.pad_token is None: tok.pad_token = tok.eos_token
     return tok
 
