@@ -400,8 +400,8 @@ def lora_config(fcfg: FinetuneConfig, n_layers: int | None = None):
         if targets == "all-linear": targets = list(LINEAR_MODULES)
         if isinstance(targets, str):
             raise ValueError(f"finetune.lora_layers needs finetune.target_modules as a list of module names or 'all-linear', got {targets!r}")
-    return LoraConfig(r=fcfg.lora_r, lora_alpha=fcfg.lora_alpha, lora_dropout=fcfg.lora_dropout, target_modules=targets,
-                      layers_to_transform=layers, task_type="CAUSAL_LM")
+    return LoraConfig(**{**dict(r=fcfg.lora_r, lora_alpha=fcfg.lora_alpha, lora_dropout=fcfg.lora_dropout, target_modules=targets,
+                                layers_to_transform=layers, task_type="CAUSAL_LM"), **fcfg.lora_args})
 
 def cpu_trainable_4bit(model) -> int:
     "Stop bitsandbytes' CPU repack of Linear4bit weights (no autograd) and undo any repack already done; returns the layers fixed."
@@ -421,6 +421,7 @@ def load_student(base_model: str,             # registry name, local folder or H
                  method: str = "lora",        # lora | qlora | full
                  cache_dir=None, device: str = "cpu",
                  path: str | Path | None = None,  # load weights from this folder instead (a full fine-tune)
+                 bnb_args: dict | None = None,    # qlora: BitsAndBytesConfig fields over ours (finetune.bnb_args)
                 ):
     "The model to train: fp32 on CPU / 16-bit on GPU (lora; bf16, or fp16 where the GPU has no bf16), fp32 (full), nf4 + kbit preparation (qlora)."
     import torch
@@ -431,8 +432,8 @@ def load_student(base_model: str,             # registry name, local folder or H
     if method == "qlora":
         from peft import prepare_model_for_kbit_training
         from transformers import BitsAndBytesConfig
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=half_dtype(device))
+        q = BitsAndBytesConfig(**{**dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=half_dtype(device)), **(bnb_args or {})})
         model = AutoModelForCausalLM.from_pretrained(src, quantization_config=q, dtype=half_dtype(device), device_map={"": device}, **kw)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
         if _on_cpu(device): cpu_trainable_4bit(model)
@@ -454,14 +455,14 @@ def sft_config(fcfg: FinetuneConfig, output_dir, device: str = "cpu", seed: int 
     from trl import SFTConfig
     kw = dict(_common_args(fcfg, output_dir, device, seed), learning_rate=fcfg.sft_lr, num_train_epochs=fcfg.sft_epochs,
               max_steps=fcfg.sft_max_steps, assistant_only_loss=fcfg.loss_on == "assistant", train_sampling_strategy="group_by_length")
-    return SFTConfig(**{**kw, **overrides})
+    return SFTConfig(**{**kw, **fcfg.trainer_args, **fcfg.sft_args, **overrides})
 
 def dpo_config(fcfg: FinetuneConfig, output_dir, device: str = "cpu", seed: int = 0, **overrides):
     "trl's DPOConfig for the DPO runs: sigmoid loss, β from the config (`overrides`: any DPOConfig field)."
     from trl import DPOConfig
     kw = dict(_common_args(fcfg, output_dir, device, seed), learning_rate=fcfg.dpo_lr, num_train_epochs=fcfg.dpo_epochs,
               max_steps=fcfg.dpo_max_steps, beta=fcfg.beta, loss_type=["sigmoid"])
-    return DPOConfig(**{**kw, **overrides})
+    return DPOConfig(**{**kw, **fcfg.trainer_args, **fcfg.dpo_args, **overrides})
 
 # %% ../nbs/07_finetune.ipynb #46a3126f
 def _nanmean(x) -> float:
@@ -623,7 +624,7 @@ def train_sft(base_model: str,                 # the student (registry name, fol
                               "chat_template": train_tok.chat_template, "versions": package_versions()})
     seed_everything(seed)
     from trl import SFTTrainer
-    model = load_student(base_model, fcfg.method, cache_dir, device)
+    model = load_student(base_model, fcfg.method, cache_dir, device, bnb_args=fcfg.bnb_args)
     cbs = list(callbacks)
     if eval_scenes is not None and eval_every > 0: cbs.append(held_out_callback(eval_scenes, tok, base_model, eval_every, readout=readout))
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=train_tok, callbacks=cbs,
@@ -671,7 +672,7 @@ def train_dpo(base_model: str,
     seed_everything(seed)
     if sft["kind"] == "adapter":
         from peft import PeftModel
-        model = PeftModel.from_pretrained(load_student(base_model, fcfg.method, cache_dir, device), str(sft_dir), is_trainable=True)
+        model = PeftModel.from_pretrained(load_student(base_model, fcfg.method, cache_dir, device, bnb_args=fcfg.bnb_args), str(sft_dir), is_trainable=True)
         ref = None                                              # trl adds a frozen copy of the SFT adapter as "ref"
     else:
         model = load_student(base_model, "full", cache_dir, device, path=sft_dir)
@@ -779,7 +780,8 @@ def train_lm(base_model: str,                  # the student (registry name, fol
     if not blocks: raise ValueError(f"train_lm: the corpus has no full block of {fcfg.lm_block_size} tokens ({tokens}); lower finetune.lm_block_size")
     lm_keys = [f.name for f in dataclasses.fields(fcfg) if f.name.startswith("lm_")]
     spec = {"lm": {k: getattr(fcfg, k) for k in lm_keys}, "base_model": str(base_model), "seed": seed, "run": "lm",
-            "overrides": args_overrides, "data": _fingerprint(blocks), "eval_every": eval_every}
+            "overrides": args_overrides, "data": _fingerprint(blocks), "eval_every": eval_every,
+            **({"trainer_args": fcfg.trainer_args} if fcfg.trainer_args else {})}     # absent when empty: earlier lm folders stay valid
     info = {"name": out_dir.name, "base_model": str(base_model), "run": "lm", "method": "full", "corpus": tokens,
             "train_blocks": len(blocks), "block_size": fcfg.lm_block_size, "seed": seed, "device": device}
     info["fingerprint"] = fp = _fingerprint(spec)
@@ -790,7 +792,7 @@ def train_lm(base_model: str,                  # the student (registry name, fol
                                        warmup_steps=min(20, max(1, len(blocks) // (20 * fcfg.lm_batch_size))), **precision_args(device), use_cpu=not gpu,
                                        seed=seed, data_seed=seed, logging_steps=5, save_strategy="steps", save_steps=fcfg.lm_save_steps,
                                        save_total_limit=1, report_to=[], disable_tqdm=True, dataloader_num_workers=0,
-                                       include_num_input_tokens_seen=True), **args_overrides})
+                                       include_num_input_tokens_seen=True), **fcfg.trainer_args, **args_overrides})
     _prepare_folder(out_dir, {"fingerprint": fp, **spec, "name": info["name"], "device": device, "corpus": tokens,
                               "training_args": args.to_dict(), "versions": package_versions()})
     seed_everything(seed)
