@@ -514,3 +514,35 @@ def test_recipe_study_cache_is_the_full_model(scenes):
     tr = cache_hidden(model, tok, scenes[scenes.split == "train"].head(4), "evidence", freeze=28, with_answer=True)
     out = train_cached(model, tr, c, kind="full", lr=1e-4, steps=2, batch_size=2, n_layers=1, eval_every=1)
     assert [p["step"] for p in out["curve"]] == [0, 1, 2] and all(math.isfinite(p["loss"]) for p in out["curve"][1:])
+
+
+def test_gpu_precision_falls_back_to_fp16_where_the_gpu_has_no_bf16(monkeypatch):
+    "#11.6: bf16 was hard-coded for GPU training (it raises on GPUs without bf16, e.g. T4/V100)."
+    import torch
+    from usermirror_nb.finetune import _common_args, half_dtype, precision_args
+    assert precision_args("cpu") == {"bf16": False, "fp16": False}
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert half_dtype("cuda") == torch.float16 and precision_args("cuda:1") == {"bf16": False, "fp16": True}
+    a = _common_args(fcfg(), "out", "cuda", 0)
+    assert (a["bf16"], a["fp16"], a["use_cpu"]) == (False, True, False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert half_dtype("cuda") == torch.bfloat16 and precision_args("cuda") == {"bf16": True, "fp16": False}
+
+
+def test_library_options_pass_through_as_they_are():
+    "#11.9 / #14.4: trl's, peft's and transformers' own options reach the real classes; a misspelt one stops the config, naming the class."
+    from usermirror_nb.config import ConfigError, FinetuneConfig
+    from usermirror_nb.finetune import dpo_config, lora_config, sft_config
+    f = FinetuneConfig(trainer_args={"weight_decay": 0.1, "lr_scheduler_type": "cosine"}, sft_args={"packing": True},
+                       dpo_args={"disable_dropout": False}, lora_args={"use_rslora": True}, bnb_args={"bnb_4bit_quant_storage": "uint8"})
+    s, d, l = sft_config(f, "out"), dpo_config(f, "out"), lora_config(f)
+    assert (s.weight_decay, str(s.lr_scheduler_type.value), s.packing, s.learning_rate) == (0.1, "cosine", True, f.sft_lr)
+    assert (d.weight_decay, d.disable_dropout, d.beta) == (0.1, False, f.beta) and l.use_rslora and l.r == f.lora_r
+    with pytest.raises(ConfigError, match=r"finetune.sft_args: \['pakcing'\] is not an option of trl.SFTConfig"):
+        FinetuneConfig(sft_args={"pakcing": True})
+    with pytest.raises(ConfigError, match=r"finetune.lora_args: \['rank', 'use_rsLora'\] are not options of peft.LoraConfig"):
+        FinetuneConfig(lora_args={"rank": 8, "use_rsLora": True})
+    with pytest.raises(ConfigError, match="finetune.bnb_args: .*transformers.BitsAndBytesConfig"):
+        FinetuneConfig(bnb_args={"load_in_3bit": True})
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        FinetuneConfig(trainer_args=["weight_decay"])

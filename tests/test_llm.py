@@ -239,3 +239,58 @@ def test_vllm_backend_matches_transformers():
     np.testing.assert_allclose(vp.probs, tp.probs, atol=2e-3)             # exact letters (prompt_logprobs), GPU kernels differ
     np.testing.assert_allclose(vp.letter_mass, tp.letter_mass, atol=2e-3)
     v.close(); t.close()
+
+
+LLAMA32_STYLE = (  # the shape of Llama-3.2-Instruct's template: a dated system header, no {% generation %} markers
+    "{{- bos_token }}{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content']|trim %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\nCutting Knowledge Date: December 2023\\nToday Date: 02 Dec 2026\\n\\n' }}"
+    "{{- system_message }}{{- '<|eot_id|>' }}{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}")
+
+
+def test_an_assistant_loss_the_students_template_cannot_mark_stops_stage_03_before_any_model_loads(tmp_path):
+    "#11.1: `loss_on: assistant` with a Llama-3.2-style template used to fail in stage 07, after hours of stages 04-06."
+    from usermirror_nb.config import ConfigError, config_from_dict
+    from usermirror_nb.finetune import load_tokenizer
+    from usermirror_nb.llm import check_training_template, run_llm
+    tok = load_tokenizer("smollm2-135m-instruct")
+    tok.chat_template = LLAMA32_STYLE
+    folder = tmp_path / "llama32-style"; tok.save_pretrained(folder)          # a tokenizer only: no weights to load
+    dom = [{"name": "movielens", "source": "ml-100k", "positive_min": 4}]
+    cfg = config_from_dict({"profile": "t", "results_root": str(tmp_path / "results"), "domains": dom,
+                            "models": {r: {"model": str(folder)} for r in ("teacher", "student", "predictor")},
+                            "finetune": {"loss_on": "assistant"}})
+    with pytest.raises(ConfigError, match=r"finetune.loss_on='assistant' with models.student.model .*llama32-style.*loss_on='letter'"):
+        run_llm(cfg)
+    assert not (cfg.results_dir / "llm" / "models.json").exists()
+    ok = config_from_dict({"profile": "t", "domains": dom, "models": {"student": {"model": str(folder)}}, "finetune": {"loss_on": "letter"}})
+    assert check_training_template(ok).startswith("not needed")
+
+
+def test_close_frees_the_model_and_returns_cuda_memory(monkeypatch):
+    "#11.7: a closed backend must not keep its weights alive, and on CUDA the cached blocks go back (the next role's model needs them)."
+    import torch, weakref
+    from usermirror_nb.llm import make_llm
+    llm = make_llm(LLMConfig(model="smollm2-135m-instruct", batch_size=2))
+    ref, emptied = weakref.ref(llm.model), []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)          # after loading: the model stays on the CPU
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(ref() is None))
+    llm.close()
+    assert emptied == [True] and llm.model is None                          # collected before the cache is emptied
+
+
+def test_a_template_that_stamps_today_gives_the_same_prompt_every_day(tmp_path):
+    "#11.11: Llama-3.2's template writes strftime_now() into every prompt, so prompts (and cached results) changed daily."
+    import datetime
+    from usermirror_nb.assets import TEMPLATE_DATE
+    from usermirror_nb.finetune import load_tokenizer
+    from usermirror_nb.llm import render_prompt
+    tok = load_tokenizer("smollm2-135m-instruct")
+    tok.chat_template = "Today Date: {{ strftime_now('%d %b %Y') }}\n{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    folder = tmp_path / "dated"; tok.save_pretrained(folder)
+    today = datetime.date.today().strftime("%d %b %Y")
+    conv = [{"role": "user", "content": "Which film?"}]
+    text = render_prompt(load_tokenizer(str(folder)), conv, template="chat")
+    assert text.startswith(f"Today Date: {TEMPLATE_DATE}\n") and (today == TEMPLATE_DATE or today not in text)

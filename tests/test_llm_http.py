@@ -248,3 +248,12 @@ def test_missing_letters_in_top_logprobs(scripted):
     assert srv.requests[0]["body"]["top_logprobs"] == 3 and srv.requests[0]["body"]["logprobs"] is True
     with pytest.raises(LLMError, match="conversation 0, continuation 0: none of the letters"):
         h.choice_probs([CONV], [CONTS[:1]], k=3)
+
+
+def test_a_literal_stop_is_sent_to_the_server(scripted):
+    "#11.10: stop strings reached no server, so every staged field ran to its token limit there."
+    srv, url = scripted(ok())
+    with OpenAILLM(cfg(url)) as h:
+        h.generate([CONV], sampling=Sampling(stop_regex=r"\n", max_new_tokens=24))
+        h.generate([CONV], sampling=Sampling(stop_regex=r"Behavior:\s*\[[A-Z]\]"))
+    assert srv.requests[0]["body"]["stop"] == ["\n"] and "stop" not in srv.requests[1]["body"]

@@ -17,9 +17,10 @@ from .config import (Config, DomainConfig, atomic_path, default_cache_dir, proje
                                   record_stage, write_json)
 
 # %% auto #0
-__all__ = ['MODELS', 'TABLES', 'REQUIRED', 'ML100K_URL', 'ML100K_WHEEL', 'ML100K_LICENCE', 'ML_GENRES', 'BX_WHEEL', 'BX_LICENCE',
-           'fetch_wheel', 'ModelSpec', 'ensure_model', 'model_path', 'load_causal_lm', 'load_embedder', 'RawDataError',
-           'RawTables', 'validate_raw', 'write_raw', 'load_raw', 'load_domain', 'run_assets']
+__all__ = ['MODELS', 'TEMPLATE_DATE', 'TABLES', 'REQUIRED', 'ML100K_URL', 'ML100K_WHEEL', 'ML100K_LICENCE', 'ML_GENRES',
+           'BX_WHEEL', 'BX_LICENCE', 'fetch_wheel', 'ModelSpec', 'ensure_model', 'model_path', 'pin_template_date',
+           'load_causal_lm', 'load_embedder', 'RawDataError', 'RawTables', 'validate_raw', 'write_raw', 'load_raw',
+           'load_domain', 'run_assets']
 
 # %% ../nbs/01_assets.ipynb #88f530aa
 def _norm(name: str) -> str: return re.sub(r"[-_.]+", "_", name).lower()
@@ -173,6 +174,15 @@ def model_path(name_or_path: str | Path,   # a `MODELS` name, a local model fold
     raise ValueError(f"model {s!r}: not a registry name {sorted(MODELS)}, not an existing folder, not a Hugging Face id 'org/name'")
 
 # %% ../nbs/01_assets.ipynb #6881731b
+TEMPLATE_DATE = "26 Jul 2024"      # the date a chat template that stamps "today" sees (Llama-3.x's default when none is given)
+_STRFTIME = re.compile(r"strftime_now\([^()]*\)")
+
+def pin_template_date(tokenizer):
+    "`tokenizer` with every `strftime_now(...)` in its chat template replaced by TEMPLATE_DATE, so a prompt is the same text on every day (training and inference alike)."
+    t = getattr(tokenizer, "chat_template", None)
+    if isinstance(t, str) and _STRFTIME.search(t): tokenizer.chat_template = _STRFTIME.sub(repr(TEMPLATE_DATE), t)
+    return tokenizer
+
 def load_causal_lm(name_or_path: str | Path,        # registry name, local folder or HF id
                    cache_dir=None,                   # cache root; None = `default_cache_dir()`
                    dtype: torch.dtype = torch.float32,
@@ -184,7 +194,7 @@ def load_causal_lm(name_or_path: str | Path,        # registry name, local folde
     kw = {"use_safetensors": True}          # weights only from safetensors, never pickles; never trust_remote_code
     if isinstance(path, Path): kw["local_files_only"] = True
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).to(device).eval()
-    tok = AutoTokenizer.from_pretrained(path, **({"local_files_only": True} if isinstance(path, Path) else {}))
+    tok = pin_template_date(AutoTokenizer.from_pretrained(path, **({"local_files_only": True} if isinstance(path, Path) else {})))
     if tok.pad_token is None: tok.pad_token = tok.eos_token
     print(f"loaded {name_or_path} from {path} in {time.time() - t0:.2f} s")
     return model, tok

@@ -14,12 +14,12 @@ import yaml
 
 # %% auto #0
 __all__ = ['DOMAIN_SOURCES', 'SCENE_STYLES', 'SAMPLERS', 'LLM_BACKENDS', 'ROLES', 'READOUTS', 'HISTORY_READOUTS', 'SELF',
-           'LM_MODEL', 'DISTILL_STRATEGIES', 'FINETUNE_METHODS', 'FINETUNE_RUNS', 'EVAL_MODES', 'STAGES', 'PACKAGES',
-           'ConfigError', 'project_root', 'default_cache_dir', 'AssetsConfig', 'DomainConfig', 'ScenesConfig',
-           'env_name_ok', 'LLMConfig', 'RationalesConfig', 'default_models', 'DistillConfig', 'FinetuneConfig',
-           'EvaluateConfig', 'BaselinesConfig', 'Config', 'config_from_dict', 'parse_overrides', 'load_config',
-           'seed_everything', 'get_device', 'cpu_has_bf16', 'resolve_dtype', 'atomic_path', 'write_json',
-           'record_stage', 'stage_not_implemented', 'package_versions', 'run_config']
+           'LM_MODEL', 'DISTILL_STRATEGIES', 'FINETUNE_METHODS', 'PASS_THROUGH', 'FINETUNE_RUNS', 'EVAL_MODES',
+           'STAGES', 'PACKAGES', 'ConfigError', 'project_root', 'default_cache_dir', 'AssetsConfig', 'DomainConfig',
+           'ScenesConfig', 'env_name_ok', 'LLMConfig', 'RationalesConfig', 'default_models', 'DistillConfig',
+           'library_fields', 'FinetuneConfig', 'EvaluateConfig', 'BaselinesConfig', 'Config', 'config_from_dict',
+           'parse_overrides', 'load_config', 'seed_everything', 'get_device', 'cpu_has_bf16', 'resolve_dtype',
+           'atomic_path', 'write_json', 'record_stage', 'stage_not_implemented', 'package_versions', 'run_config']
 
 # %% ../nbs/00_config.ipynb #7c173803
 class ConfigError(ValueError):
@@ -207,6 +207,20 @@ class DistillConfig:
         _check("uncertainty" in self.strategies, "distill.strategies must include 'uncertainty' (the method)")
 
 FINETUNE_METHODS = ("lora", "qlora", "full")
+PASS_THROUGH = {"trainer_args": "transformers.TrainingArguments", "sft_args": "trl.SFTConfig", "dpo_args": "trl.DPOConfig",
+                "lora_args": "peft.LoraConfig", "bnb_args": "transformers.BitsAndBytesConfig"}
+
+def library_fields(key: str) -> set:
+    "The option names of the library class behind `finetune.<key>` (imported only when the option is used: trl takes seconds)."
+    import inspect
+    if key == "trainer_args": from transformers import TrainingArguments as C
+    elif key == "sft_args": from trl import SFTConfig as C
+    elif key == "dpo_args": from trl import DPOConfig as C
+    elif key == "lora_args": from peft import LoraConfig as C
+    elif key == "bnb_args": from transformers import BitsAndBytesConfig as C
+    else: raise KeyError(key)
+    names = {f.name for f in dataclasses.fields(C) if f.init} if dataclasses.is_dataclass(C) else set()
+    return names | {n for n, p in inspect.signature(C.__init__).parameters.items() if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
 FINETUNE_RUNS = ("lm", "sft", "dpo", "dpo_smoothed")
 
 @dataclass
@@ -249,6 +263,12 @@ class FinetuneConfig:
     lm_save_steps: int = 50
     lm_eval_every: int = 0           # score validation scenes (direct mode, the student's cloze readout) every N steps: the learning curve (0 = never)
     lm_eval_scenes: int = 0          # validation scenes per domain for that curve (0 = all)
+    # the libraries' own options, passed through as they are (after ours, so they win); names checked against the real classes
+    trainer_args: dict = field(default_factory=dict)  # transformers TrainingArguments fields for every run (lm, SFT, DPO): weight_decay, lr_scheduler_type, ...
+    sft_args: dict = field(default_factory=dict)      # trl SFTConfig fields (SFT runs): packing, completion_only_loss, ...
+    dpo_args: dict = field(default_factory=dict)      # trl DPOConfig fields (DPO and RosePO): disable_dropout, precompute_ref_log_probs, ...
+    lora_args: dict = field(default_factory=dict)     # peft LoraConfig fields: use_rslora, init_lora_weights, ...
+    bnb_args: dict = field(default_factory=dict)      # transformers BitsAndBytesConfig fields (qlora): bnb_4bit_quant_storage, ...
     def __post_init__(self):
         _check(self.method in FINETUNE_METHODS, f"finetune.method must be one of {FINETUNE_METHODS}, got {self.method!r}")
         bad = sorted(set(self.runs) - set(FINETUNE_RUNS))
@@ -269,6 +289,12 @@ class FinetuneConfig:
         for k in ("sft_lr", "dpo_lr", "beta", "sft_epochs", "dpo_epochs"):
             _check(getattr(self, k) > 0, f"finetune.{k} must be > 0, got {getattr(self, k)!r}")
         _check(isinstance(self.answer_only_scenes, int) and self.answer_only_scenes >= -1, "finetune.answer_only_scenes must be an int >= -1")
+        for k in PASS_THROUGH:
+            v = getattr(self, k)
+            _check(isinstance(v, dict) and all(isinstance(n, str) for n in v), f"finetune.{k} must be a mapping of option names to values, got {v!r}")
+            if v:
+                bad = sorted(set(v) - library_fields(k))
+                _check(not bad, f"finetune.{k}: {bad} {'is not an option' if len(bad) == 1 else 'are not options'} of {PASS_THROUGH[k]}")
 
 EVAL_MODES = ("direct", "thought")
 

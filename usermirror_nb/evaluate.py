@@ -238,7 +238,8 @@ def load_model(name_or_path: str | Path,   # registry name ("smollm2-135m-instru
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         m = AutoModelForCausalLM.from_pretrained(str(p), dtype=getattr(torch, dtype), use_safetensors=True, local_files_only=True).to(device)
-        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        from usermirror_nb.assets import pin_template_date
+        tok = pin_template_date(AutoTokenizer.from_pretrained(str(p), local_files_only=True))
         if tok.pad_token is None: tok.pad_token = tok.eos_token
     return m.eval(), tok, card
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from .config import (HISTORY_READOUTS, Config, FinetuneConfig, LLMConfig, get_device, load_config, package_versions,
+from .config import (HISTORY_READOUTS, Config, FinetuneConfig, LLMConfig, get_device, load_config, package_versions, resolve_dtype,
                                   record_stage, seed_everything, write_json)
 from .rationales import SYSTEM_PROMPT, rationale_conversation
 from .scenes import LETTERS, letters, render_scene
@@ -24,10 +24,10 @@ __all__ = ['SFT_COLUMNS', 'PREF_COLUMNS', 'CHATML_GENERATION_TEMPLATE', 'HISTORY
            'token_lengths', 'validate_sft', 'validate_pref', 'read_table', 'has_generation_markers',
            'renders_identically', 'load_tokenizer', 'training_tokenizer', 'letter_example', 'sft_dataset',
            'readout_answer', 'answer_example', 'history_sft_rows', 'history_example', 'pref_dataset', 'compact_lm_head',
-           'qlora_memory_gb', 'num_layers', 'lora_config', 'cpu_trainable_4bit', 'load_student', 'sft_config',
-           'dpo_config', 'held_out_callback', 'stop_after', 'plot_training', 'train_sft', 'train_dpo', 'merge_adapter',
-           'load_finetuned', 'lm_sequences', 'lm_blocks', 'lm_corpus', 'train_lm', 'ensure_lm', 'answer_only_rows',
-           'restyle', 'run_finetune']
+           'half_dtype', 'precision_args', 'qlora_memory_gb', 'num_layers', 'lora_config', 'cpu_trainable_4bit',
+           'load_student', 'sft_config', 'dpo_config', 'held_out_callback', 'stop_after', 'plot_training', 'train_sft',
+           'train_dpo', 'merge_adapter', 'load_finetuned', 'lm_sequences', 'lm_blocks', 'lm_corpus', 'train_lm',
+           'ensure_lm', 'answer_only_rows', 'restyle', 'run_finetune']
 
 # %% ../nbs/07_finetune.ipynb #2f771c43
 class DatasetError(ValueError):
@@ -181,9 +181,9 @@ def _trl_training_template(tokenizer):
 def load_tokenizer(base_model: str, cache_dir=None):
     "The base student's tokenizer (no model), pad = eos if it has none."
     from transformers import AutoTokenizer
-    from usermirror_nb.assets import model_path
+    from usermirror_nb.assets import model_path, pin_template_date
     p = model_path(base_model, cache_dir)
-    tok = AutoTokenizer.from_pretrained(p, **({"local_files_only": True} if isinstance(p, Path) else {}))
+    tok = pin_template_date(AutoTokenizer.from_pretrained(p, **({"local_files_only": True} if isinstance(p, Path) else {})))
     if tok.pad_token is None: tok.pad_token = tok.eos_token
     return tok
 
@@ -351,6 +351,19 @@ def compact_lm_head(model,                      # the transformers causal LM trl
 
 def _on_cpu(device: str) -> bool: return not str(device).startswith("cuda")
 
+# %% ../nbs/07_finetune.ipynb #f9a43290
+def half_dtype(device: str):
+    "The 16-bit dtype for weights and compute on `device`: bf16 on a GPU that has it, fp16 on one that does not (bf16 raises there); bf16 on CPU (bitsandbytes' CPU kernels)."
+    import torch
+    return torch.bfloat16 if _on_cpu(device) else getattr(torch, resolve_dtype("auto", device))
+
+def precision_args(device: str) -> dict:
+    "TrainingArguments' mixed-precision flags for `device`: none on CPU, bf16 or fp16 on a GPU."
+    if _on_cpu(device): return {"bf16": False, "fp16": False}
+    import torch
+    half = half_dtype(device)
+    return {"bf16": half == torch.bfloat16, "fp16": half == torch.float16}
+
 # %% ../nbs/07_finetune.ipynb #5f853f37
 def qlora_memory_gb(params: float = 3.21e9, layers: int = 28, hidden: int = 3072, intermediate: int = 8192, kv_dim: int = 1024,
                     vocab: int = 128256, lora_r: int = 16, batch: int = 8, seq_len: int = 1024,
@@ -387,8 +400,8 @@ def lora_config(fcfg: FinetuneConfig, n_layers: int | None = None):
         if targets == "all-linear": targets = list(LINEAR_MODULES)
         if isinstance(targets, str):
             raise ValueError(f"finetune.lora_layers needs finetune.target_modules as a list of module names or 'all-linear', got {targets!r}")
-    return LoraConfig(r=fcfg.lora_r, lora_alpha=fcfg.lora_alpha, lora_dropout=fcfg.lora_dropout, target_modules=targets,
-                      layers_to_transform=layers, task_type="CAUSAL_LM")
+    return LoraConfig(**{**dict(r=fcfg.lora_r, lora_alpha=fcfg.lora_alpha, lora_dropout=fcfg.lora_dropout, target_modules=targets,
+                                layers_to_transform=layers, task_type="CAUSAL_LM"), **fcfg.lora_args})
 
 def cpu_trainable_4bit(model) -> int:
     "Stop bitsandbytes' CPU repack of Linear4bit weights (no autograd) and undo any repack already done; returns the layers fixed."
@@ -408,8 +421,9 @@ def load_student(base_model: str,             # registry name, local folder or H
                  method: str = "lora",        # lora | qlora | full
                  cache_dir=None, device: str = "cpu",
                  path: str | Path | None = None,  # load weights from this folder instead (a full fine-tune)
+                 bnb_args: dict | None = None,    # qlora: BitsAndBytesConfig fields over ours (finetune.bnb_args)
                 ):
-    "The model to train: fp32 on CPU / bf16 on GPU (lora), fp32 (full), nf4 + kbit preparation (qlora)."
+    "The model to train: fp32 on CPU / 16-bit on GPU (lora; bf16, or fp16 where the GPU has no bf16), fp32 (full), nf4 + kbit preparation (qlora)."
     import torch
     from transformers import AutoModelForCausalLM
     from usermirror_nb.assets import model_path
@@ -418,21 +432,21 @@ def load_student(base_model: str,             # registry name, local folder or H
     if method == "qlora":
         from peft import prepare_model_for_kbit_training
         from transformers import BitsAndBytesConfig
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(src, quantization_config=q, dtype=torch.bfloat16, device_map={"": device}, **kw)
+        q = BitsAndBytesConfig(**{**dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=half_dtype(device)), **(bnb_args or {})})
+        model = AutoModelForCausalLM.from_pretrained(src, quantization_config=q, dtype=half_dtype(device), device_map={"": device}, **kw)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
         if _on_cpu(device): cpu_trainable_4bit(model)
         return model
-    dtype = torch.bfloat16 if (method == "lora" and not _on_cpu(device)) else torch.float32
+    dtype = half_dtype(device) if (method == "lora" and not _on_cpu(device)) else torch.float32
     return AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw).to(device)
 
 # %% ../nbs/07_finetune.ipynb #7c651652
 def _common_args(fcfg: FinetuneConfig, output_dir, device: str, seed: int) -> dict:
     gpu = not _on_cpu(device)
-    return dict(output_dir=str(output_dir), per_device_train_batch_size=fcfg.batch_size, gradient_accumulation_steps=fcfg.grad_accum,
+    return dict(**precision_args(device), output_dir=str(output_dir), per_device_train_batch_size=fcfg.batch_size, gradient_accumulation_steps=fcfg.grad_accum,
                 max_length=fcfg.max_length, gradient_checkpointing=fcfg.gradient_checkpointing or fcfg.method == "qlora",
-                gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=gpu, use_cpu=not gpu, seed=seed, data_seed=seed,
+                gradient_checkpointing_kwargs={"use_reentrant": False}, use_cpu=not gpu, seed=seed, data_seed=seed,
                 logging_steps=1, save_strategy="steps", save_steps=fcfg.save_steps, save_total_limit=1, report_to=[],
                 disable_tqdm=True, dataloader_num_workers=0)
 
@@ -441,14 +455,14 @@ def sft_config(fcfg: FinetuneConfig, output_dir, device: str = "cpu", seed: int 
     from trl import SFTConfig
     kw = dict(_common_args(fcfg, output_dir, device, seed), learning_rate=fcfg.sft_lr, num_train_epochs=fcfg.sft_epochs,
               max_steps=fcfg.sft_max_steps, assistant_only_loss=fcfg.loss_on == "assistant", train_sampling_strategy="group_by_length")
-    return SFTConfig(**{**kw, **overrides})
+    return SFTConfig(**{**kw, **fcfg.trainer_args, **fcfg.sft_args, **overrides})
 
 def dpo_config(fcfg: FinetuneConfig, output_dir, device: str = "cpu", seed: int = 0, **overrides):
     "trl's DPOConfig for the DPO runs: sigmoid loss, β from the config (`overrides`: any DPOConfig field)."
     from trl import DPOConfig
     kw = dict(_common_args(fcfg, output_dir, device, seed), learning_rate=fcfg.dpo_lr, num_train_epochs=fcfg.dpo_epochs,
               max_steps=fcfg.dpo_max_steps, beta=fcfg.beta, loss_type=["sigmoid"])
-    return DPOConfig(**{**kw, **overrides})
+    return DPOConfig(**{**kw, **fcfg.trainer_args, **fcfg.dpo_args, **overrides})
 
 # %% ../nbs/07_finetune.ipynb #46a3126f
 def _nanmean(x) -> float:
@@ -502,8 +516,8 @@ def _fingerprint(obj) -> str:
 def _finished(out_dir: Path, fingerprint: str) -> dict | None:
     f = out_dir / "usermirror.json"
     if f.exists():
-        um = json.loads(f.read_text())
-        if um.get("fingerprint") == fingerprint: return um
+        card = json.loads(f.read_text())
+        if card.get("fingerprint") == fingerprint: return card
     return None
 
 def _prepare_folder(out_dir: Path, spec: dict):
@@ -552,15 +566,15 @@ def _train_and_save(trainer, out_dir: Path, tokenizer, info: dict, fcfg: Finetun
     plot_training(hist, out_dir / "loss.png", info["name"])
     losses = [h["loss"] for h in hist if "loss" in h]
     toks = [h["num_tokens"] for h in hist if "num_tokens" in h]
-    um = {**info, "kind": kind, "steps": int(st.global_step), "final_loss": float(losses[-1]) if losses else None,
+    card = {**info, "kind": kind, "steps": int(st.global_step), "final_loss": float(losses[-1]) if losses else None,
           "seconds": round(secs, 1), "resumed_from": Path(last).name if last else None,
           "tokens_trained": int(toks[-1]) if toks else None, "config": dataclasses.asdict(fcfg), "complete": True}
     if fcfg.merge and kind == "adapter":
         merge_adapter(info["base_model"], out_dir, out_dir / "merged", cache_dir)
-        um["merged_path"] = "merged"
-    write_json(out_dir / "usermirror.json", um)          # written last: the folder is finished
+        card["merged_path"] = "merged"
+    write_json(out_dir / "usermirror.json", card)          # written last: the folder is finished
     shutil.rmtree(ck, ignore_errors=True)
-    return um
+    return card
 
 def _frame(ds) -> pd.DataFrame:
     return ds if isinstance(ds, pd.DataFrame) else ds.to_pandas() if hasattr(ds, "to_pandas") else pd.DataFrame(ds)
@@ -601,19 +615,19 @@ def train_sft(base_model: str,                 # the student (registry name, fol
             "eval_every": eval_every}
     info["fingerprint"] = fp = _fingerprint(spec)
     if (done := _finished(out_dir, fp)) is not None: return done
-    tt = training_tokenizer(tok) if fcfg.loss_on == "assistant" and readout not in HISTORY_READOUTS else tok    # letter labels come from the ids alone
-    ds = sft_dataset(df, tt, fcfg.loss_on, readout)
+    train_tok = training_tokenizer(tok) if fcfg.loss_on == "assistant" and readout not in HISTORY_READOUTS else tok    # letter labels come from the ids alone
+    ds = sft_dataset(df, train_tok, fcfg.loss_on, readout)
     args = sft_config(fcfg, out_dir / "checkpoints", device, seed, **args_overrides)
     lcfg = None if fcfg.method == "full" else lora_config(fcfg, num_layers(base_model, cache_dir) if fcfg.lora_layers else None)
     _prepare_folder(out_dir, {"fingerprint": fp, **spec, "name": info["name"], "device": device, "train_examples": len(df),
                               "sft_config": args.to_dict(), "lora": None if fcfg.method == "full" else lcfg.to_dict(),
-                              "chat_template": tt.chat_template, "versions": package_versions()})
+                              "chat_template": train_tok.chat_template, "versions": package_versions()})
     seed_everything(seed)
     from trl import SFTTrainer
-    model = load_student(base_model, fcfg.method, cache_dir, device)
+    model = load_student(base_model, fcfg.method, cache_dir, device, bnb_args=fcfg.bnb_args)
     cbs = list(callbacks)
     if eval_scenes is not None and eval_every > 0: cbs.append(held_out_callback(eval_scenes, tok, base_model, eval_every, readout=readout))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tt, callbacks=cbs,
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=train_tok, callbacks=cbs,
                          peft_config=lcfg)
     if compact_head and _on_cpu(device): compact_lm_head(_unwrap(trainer.model))
     return _train_and_save(trainer, out_dir, tok, info, fcfg, cache_dir)
@@ -658,7 +672,7 @@ def train_dpo(base_model: str,
     seed_everything(seed)
     if sft["kind"] == "adapter":
         from peft import PeftModel
-        model = PeftModel.from_pretrained(load_student(base_model, fcfg.method, cache_dir, device), str(sft_dir), is_trainable=True)
+        model = PeftModel.from_pretrained(load_student(base_model, fcfg.method, cache_dir, device, bnb_args=fcfg.bnb_args), str(sft_dir), is_trainable=True)
         ref = None                                              # trl adds a frozen copy of the SFT adapter as "ref"
     else:
         model = load_student(base_model, "full", cache_dir, device, path=sft_dir)
@@ -693,13 +707,13 @@ def load_finetuned(model_dir: str | Path, cache_dir=None, device: str = "cpu", d
     import torch
     from usermirror_nb.assets import load_causal_lm
     model_dir = Path(model_dir)
-    um = json.loads((model_dir / "usermirror.json").read_text())
-    if um["kind"] == "adapter":
+    card = json.loads((model_dir / "usermirror.json").read_text())
+    if card["kind"] == "adapter":
         from peft import PeftModel
-        base, tok = load_causal_lm(um["base_model"], cache_dir, dtype=getattr(torch, dtype), device=device)
+        base, tok = load_causal_lm(card["base_model"], cache_dir, dtype=getattr(torch, dtype), device=device)
         return PeftModel.from_pretrained(base, str(model_dir)).eval(), tok
     model, _ = load_causal_lm(model_dir, cache_dir, dtype=getattr(torch, dtype), device=device)
-    return model.eval(), load_tokenizer(um["base_model"], cache_dir)
+    return model.eval(), load_tokenizer(card["base_model"], cache_dir)
 
 # %% ../nbs/07_finetune.ipynb #c91bec0e
 def lm_sequences(dom,                       # a prepared domain (scenes.prepare_domain)
@@ -766,7 +780,8 @@ def train_lm(base_model: str,                  # the student (registry name, fol
     if not blocks: raise ValueError(f"train_lm: the corpus has no full block of {fcfg.lm_block_size} tokens ({tokens}); lower finetune.lm_block_size")
     lm_keys = [f.name for f in dataclasses.fields(fcfg) if f.name.startswith("lm_")]
     spec = {"lm": {k: getattr(fcfg, k) for k in lm_keys}, "base_model": str(base_model), "seed": seed, "run": "lm",
-            "overrides": args_overrides, "data": _fingerprint(blocks), "eval_every": eval_every}
+            "overrides": args_overrides, "data": _fingerprint(blocks), "eval_every": eval_every,
+            **({"trainer_args": fcfg.trainer_args} if fcfg.trainer_args else {})}     # absent when empty: earlier lm folders stay valid
     info = {"name": out_dir.name, "base_model": str(base_model), "run": "lm", "method": "full", "corpus": tokens,
             "train_blocks": len(blocks), "block_size": fcfg.lm_block_size, "seed": seed, "device": device}
     info["fingerprint"] = fp = _fingerprint(spec)
@@ -774,10 +789,10 @@ def train_lm(base_model: str,                  # the student (registry name, fol
     gpu = not _on_cpu(device)
     args = TrainingArguments(**{**dict(output_dir=str(out_dir / "checkpoints"), per_device_train_batch_size=fcfg.lm_batch_size,
                                        learning_rate=fcfg.lm_lr, num_train_epochs=fcfg.lm_epochs, max_steps=fcfg.lm_max_steps,
-                                       warmup_steps=min(20, max(1, len(blocks) // (20 * fcfg.lm_batch_size))), bf16=gpu, use_cpu=not gpu,
+                                       warmup_steps=min(20, max(1, len(blocks) // (20 * fcfg.lm_batch_size))), **precision_args(device), use_cpu=not gpu,
                                        seed=seed, data_seed=seed, logging_steps=5, save_strategy="steps", save_steps=fcfg.lm_save_steps,
                                        save_total_limit=1, report_to=[], disable_tqdm=True, dataloader_num_workers=0,
-                                       include_num_input_tokens_seen=True), **args_overrides})
+                                       include_num_input_tokens_seen=True), **fcfg.trainer_args, **args_overrides})
     _prepare_folder(out_dir, {"fingerprint": fp, **spec, "name": info["name"], "device": device, "corpus": tokens,
                               "training_args": args.to_dict(), "versions": package_versions()})
     seed_everything(seed)
@@ -786,13 +801,13 @@ def train_lm(base_model: str,                  # the student (registry name, fol
     if eval_scenes is not None and eval_every > 0: cbs.append(held_out_callback(eval_scenes, tok, base_model, eval_every, readout=readout))
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": blocks}), processing_class=tok,
                       data_collator=DataCollatorForLanguageModeling(tok, mlm=False), callbacks=cbs)
-    um = _train_and_save(trainer, out_dir, tok, info, fcfg, cache_dir)
-    if um.get("complete"):
+    card = _train_and_save(trainer, out_dir, tok, info, fcfg, cache_dir)
+    if card.get("complete"):
         seen = [h["num_input_tokens_seen"] for h in trainer.state.log_history if "num_input_tokens_seen" in h]
-        um["tokens_trained"] = int(seen[-1]) if seen else int(trainer.state.global_step * fcfg.lm_batch_size * fcfg.lm_block_size)
-        um["passes"] = round(um["tokens_trained"] / max(1, len(blocks) * fcfg.lm_block_size), 3)
-        write_json(out_dir / "usermirror.json", um)
-    return um
+        card["tokens_trained"] = int(seen[-1]) if seen else int(trainer.state.global_step * fcfg.lm_batch_size * fcfg.lm_block_size)
+        card["passes"] = round(card["tokens_trained"] / max(1, len(blocks) * fcfg.lm_block_size), 3)
+        write_json(out_dir / "usermirror.json", card)
+    return card
 
 def ensure_lm(cfg: Config) -> Path:
     "The folder of the profile's domain-trained student (`finetune/lm`), trained (or resumed) now if it is not finished."
@@ -805,9 +820,9 @@ def ensure_lm(cfg: Config) -> Path:
         from usermirror_nb.scenes import load_scenes
         v = load_scenes(cfg, "valid").to_pandas()
         ev = v.groupby("domain", sort=True).head(fcfg.lm_eval_scenes) if fcfg.lm_eval_scenes else v
-    um = train_lm(st.model, lm_corpus(cfg), fcfg, out, cache, cfg.seed, get_device(st.device), eval_scenes=ev,
+    card = train_lm(st.model, lm_corpus(cfg), fcfg, out, cache, cfg.seed, get_device(st.device), eval_scenes=ev,
                   eval_every=fcfg.lm_eval_every if ev is not None else 0, readout="history")   # the readout in the corpus's own format
-    if um.get("complete") is False: raise RuntimeError(f"finetune: lm stopped at step {um['steps']} of {um['max_steps']}; rerun to resume")
+    if card.get("complete") is False: raise RuntimeError(f"finetune: lm stopped at step {card['steps']} of {card['max_steps']}; rerun to resume")
     return out
 
 
@@ -884,13 +899,13 @@ def run_finetune(cfg: Config) -> Path:
     for j in jobs:
         print(f"finetune: {j['name']} ({len(j['data'])} examples)", flush=True)
         if j["kind"] == "sft":
-            um = train_sft(base, j["data"], fcfg, out / j["name"], cache, cfg.seed, device=device, name=j["name"], meta=j["meta"], source=j["source"],
+            card = train_sft(base, j["data"], fcfg, out / j["name"], cache, cfg.seed, device=device, name=j["name"], meta=j["meta"], source=j["source"],
                            readout=readout, scenes=scenes)
         else:
-            um = train_dpo(base, out / "sft", j["data"], fcfg, out / j["name"], smoothed=j["kind"] == "dpo_smoothed", cache_dir=cache,
+            card = train_dpo(base, out / "sft", j["data"], fcfg, out / j["name"], smoothed=j["kind"] == "dpo_smoothed", cache_dir=cache,
                            seed=cfg.seed, device=device, name=j["name"], source=j["source"], readout=readout)
-        if um.get("complete") is False: raise RuntimeError(f"finetune: {j['name']} stopped at step {um['steps']} of {um['max_steps']}; rerun to resume")
-        models.append({**um, "path": j["name"]})
+        if card.get("complete") is False: raise RuntimeError(f"finetune: {j['name']} stopped at step {card['steps']} of {card['max_steps']}; rerun to resume")
+        models.append({**card, "path": j["name"]})
     res = write_json(out / "models.json", {"models": models, "skipped": skipped, "config_hash": cfg.hash()})
     note = "; ".join(f"{s['name']} skipped: {s['reason']}" for s in skipped)
     record_stage(cfg, "finetune", "done", res, time.time() - t0,

@@ -12,15 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import LM_MODEL, SELF, Config, LLMConfig, get_device, record_stage, resolve_dtype, write_json
+from .config import LM_MODEL, SELF, Config, ConfigError, LLMConfig, get_device, record_stage, resolve_dtype, write_json
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'LETTERS', 'BEHAVIOR_CONTEXT', 'PLAIN_ANSWER', 'DEMO_CONTINUATIONS', 'LLMError', 'LLMAuthError',
-           'LLMNotFoundError', 'LLMConnectionError', 'Sampling', 'ChoiceProbs', 'LLM', 'letter_token_ids',
-           'resolve_template', 'render_prompt', 'TransformersLLM', 'prefill', 'option_logprobs', 'generate_fields',
-           'OpenAILLM', 'serve', 'VLLMLLM', 'make_llm', 'demo_conversations', 'run_llm']
+           'LLMNotFoundError', 'LLMConnectionError', 'Sampling', 'ChoiceProbs', 'LLM', 'free_accelerator_memory',
+           'letter_token_ids', 'resolve_template', 'render_prompt', 'TransformersLLM', 'prefill', 'option_logprobs',
+           'generate_fields', 'literal_stop', 'OpenAILLM', 'serve', 'VLLMLLM', 'make_llm', 'check_training_template',
+           'demo_conversations', 'run_llm']
 
 # %% ../nbs/03_llm.ipynb #9a38a1ac
 LETTERS = string.ascii_uppercase
@@ -71,6 +72,13 @@ class LLM:
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
     def __repr__(self): return f"{type(self).__name__}({self.name!r}, template={self.template!r})"
+
+def free_accelerator_memory():
+    "Collect what a closed backend dropped and, on CUDA, return the cached blocks to the driver."
+    import gc
+    gc.collect()
+    import torch
+    if torch.cuda.is_available(): torch.cuda.empty_cache()
 
 # %% ../nbs/03_llm.ipynb #5fcec7da
 def _check_conversation(conv, i=0):
@@ -370,7 +378,9 @@ class TransformersLLM(LLM):
     def count_tokens(self, text: str) -> int: return len(self.encode(text))
 
     def close(self):
+        "Drop the model; on CUDA its memory goes back to the driver, so the next role's model fits."
         self.model = None
+        free_accelerator_memory()
 
 # %% ../nbs/03_llm.ipynb #37b52a75
 def _shared_prefix_len(seqs: list[list[int]]) -> int:
@@ -536,6 +546,25 @@ TransformersLLM.generate_fields = generate_fields
 
 
 # %% ../nbs/03_llm.ipynb #8ba0daed
+_REGEX_META = set(".^$*+?{}[]|()")
+
+def literal_stop(regex: str | None) -> str | None:
+    "The one string `regex` matches when it is a plain literal (r'\\n' -> a newline), else None: servers take literal stop strings only."
+    if not regex: return None
+    out, i, esc = [], 0, {"n": "\n", "t": "\t"}
+    while i < len(regex):
+        c = regex[i]
+        if c == "\\":
+            if i + 1 >= len(regex): return None
+            d = regex[i + 1]
+            if d in esc: out.append(esc[d])
+            elif not d.isalnum(): out.append(d)
+            else: return None                      # \\s, \\d, \\b ...: a class, not a literal
+            i += 2
+        elif c in _REGEX_META: return None
+        else: out.append(c); i += 1
+    return "".join(out)
+
 def _letters_from_top(top: list[tuple[str, float]], k: int, i: int, j: int) -> tuple[np.ndarray, float]:
     "(probs over the k letters, mass of the letters found) from a top-logprobs list [(token, logprob)]; missing letters share the leftover mass."
     p, found, total = np.zeros(k), np.zeros(k, bool), 0.0
@@ -647,6 +676,7 @@ class OpenAILLM(LLM):
         while len(texts) < n:
             body = dict(model=self.model, n=n - len(texts), temperature=sampling.temperature, top_p=sampling.top_p,
                         max_tokens=sampling.max_new_tokens, seed=seed)
+            if (stop := literal_stop(sampling.stop_regex)) is not None: body["stop"] = [stop]     # the server stops there (a regex stays client-side)
             if self.template == "plain":
                 body["prompt"] = render_prompt(None, conv, prefix, "plain")
                 choices = self.post("/completions", body).get("choices") or []
@@ -737,7 +767,15 @@ class VLLMLLM(LLM):
         lp = np.array([o.prompt_logprobs[-1][p["prompt_token_ids"][-1]].logprob for o, p in zip(outs, prompts)]).reshape(len(jobs), k)
         return [_letter_result(lp[[r for r, (i2, _) in enumerate(jobs) if i2 == i]].reshape(-1, k), i, context) for i in range(len(conversations))]
 
-    def close(self): self.engine = None
+    def close(self):
+        "Shut the engine down (its workers and KV cache) and hand the GPU memory back before another backend loads."
+        engine, self.engine = getattr(self, "engine", None), None
+        core = getattr(getattr(engine, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            try: core.shutdown()
+            except Exception as e: log.warning(f"{self.name}: engine shutdown: {e}")
+        del engine, core
+        free_accelerator_memory()
 
 # %% ../nbs/03_llm.ipynb #72bc53f4
 def make_llm(cfg: LLMConfig, cache_dir=None) -> LLM:
@@ -746,6 +784,21 @@ def make_llm(cfg: LLMConfig, cache_dir=None) -> LLM:
     if cfg.backend == "openai": return OpenAILLM(cfg)
     if cfg.backend == "vllm": return VLLMLLM(cfg, cache_dir)
     raise ValueError(f"unknown backend {cfg.backend!r}; backends: transformers, openai, vllm")
+
+# %% ../nbs/03_llm.ipynb #d2422d12
+def check_training_template(cfg: Config) -> str:
+    "Stage 07's `loss_on: assistant` needs a chat template with generation markers for the student: check it here, before any model loads and hours of stages 04–06."
+    f, st = cfg.finetune, cfg.models["student"]
+    if f.loss_on != "assistant" or st.backend != "transformers" or st.model in (LM_MODEL, SELF):
+        return f"not needed (loss_on {f.loss_on!r}, student backend {st.backend!r})"
+    from usermirror_nb.config import HISTORY_READOUTS
+    if st.readout in HISTORY_READOUTS: return f"not needed (a {st.readout} student trains on prompt/completion text)"
+    from usermirror_nb.finetune import has_generation_markers, load_tokenizer, training_tokenizer
+    tok = load_tokenizer(st.model, cfg.assets.cache_path)
+    try: train_tok = training_tokenizer(tok)
+    except ValueError as e:
+        raise ConfigError(f"finetune.loss_on='assistant' with models.student.model {st.model!r}: {e}") from None
+    return "its own template has generation markers" if has_generation_markers(tok.chat_template) else "a marked copy renders like its template"
 
 # %% ../nbs/03_llm.ipynb #ea72113f
 _DEMO_ITEMS = ["Fargo (1996) — Crime, Drama", "Babe (1995) — Children's, Comedy", "Heat (1995) — Action, Crime",
@@ -774,6 +827,7 @@ DEMO_CONTINUATIONS = [BEHAVIOR_CONTEXT, "Stimulus: a free evening.\nKnowledge: t
 def run_llm(cfg: Config, demo_tokens: int = 32) -> Path:
     "Stage 03: build each role's backend, check letters, run a tiny real demo, write `results/<profile>/llm/models.json`."
     t0, k = time.time(), cfg.scenes.k
+    template_check = check_training_template(cfg)         # before any model loads
     convs, built, weights, roles, loads = demo_conversations(k), {}, {}, {}, 0
     sampling = Sampling(temperature=cfg.rationales.temperature, top_p=cfg.rationales.top_p, max_new_tokens=demo_tokens,
                         seed=cfg.seed, stop_regex=r"Behavior:\s*\[[A-Z]\]")
@@ -817,6 +871,7 @@ def run_llm(cfg: Config, demo_tokens: int = 32) -> Path:
     finally:
         for llm, _ in built.values(): llm.close()
     out = write_json(cfg.stage_dir("llm") / "models.json",
-                     dict(profile=cfg.profile, config_hash=cfg.hash(), k=k, roles=roles, demo_conversations=convs))
+                     dict(profile=cfg.profile, config_hash=cfg.hash(), k=k, roles=roles, demo_conversations=convs,
+                          training_template=template_check))
     record_stage(cfg, "llm", "done", out, time.time() - t0, {"roles": len(roles), "backends": len(built), "loaded": loads})
     return out

@@ -70,10 +70,10 @@ def _classes() -> SimpleNamespace:
             finally:
                 for h in hooks: h.remove()
             n = inputs["completion_mask"].size(1) - 1
-            pc, pr = seen[0].log_probs[:, -n:].sum(1).chunk(2)
-            if self.precompute_ref_logps: rc, rr = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-            else: rc, rr = seen[1].log_probs[:, -n:].sum(1).chunk(2)
-            z = self.beta * ((pc - rc) - (pr - rr.to(pc.device)))
+            policy_chosen, policy_rejected = seen[0].log_probs[:, -n:].sum(1).chunk(2)
+            if self.precompute_ref_logps: ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+            else: ref_chosen, ref_rejected = seen[1].log_probs[:, -n:].sum(1).chunk(2)
+            z = self.beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected.to(policy_chosen.device)))
             eps = eps.to(z.device, z.dtype)
             extra = (eps * z).mean()             # -(1-ε) log σ(z) - ε log σ(-z) = -log σ(z) + ε z
             self._metrics["train" if self.model.training else "eval"]["rosepo/epsilon"].append(eps.mean().item())
