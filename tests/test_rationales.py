@@ -106,6 +106,21 @@ def test_interrupted_run_resumes_with_nothing_lost(tmp_path, smollm):
     assert fc["failures"]["truncated"] >= 5
 
 
+def test_a_changed_scene_text_is_written_afresh_and_the_old_record_kept(tmp_path, smollm):
+    "Resume skips a (scene, sample) only when its record was written for the same text by the same model."
+    from usermirror_nb.llm import Sampling
+    out = tmp_path / "teacher.jsonl"
+    sampling = Sampling(max_new_tokens=8, seed=1, stop_regex=STOP_REGEX)
+    scenes = _scenes(2)
+    old = generate_rationales(smollm, scenes, "teacher", out, n=1, sampling=sampling, progress=False, staged=False)
+    scenes[1] = {**scenes[1], "scene_text": scenes[1]["scene_text"].replace("A reader.", "A reader from Oslo.")}   # rebuilt scene
+    llm = Interrupting(smollm, after=99)
+    recs = generate_rationales(llm, scenes, "teacher", out, n=1, sampling=sampling, progress=False, staged=False)
+    assert llm.scenes_seen == 1                                     # only the changed scene was written again
+    assert [r["scene_id"] for r in recs] == ["s0", "s1"] and recs[0] == old[0] and recs[1]["key"] != old[1]["key"]
+    assert len(read_jsonl(out)) == 3                                # the stale record is kept in the file, not returned
+
+
 def test_real_rationale_generation_is_seeded(tmp_path, smollm):
     from usermirror_nb.llm import Sampling
     s = Sampling(max_new_tokens=24, seed=5, stop_regex=STOP_REGEX)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_rationales.ipynb #c4eec573
 from __future__ import annotations
-import dataclasses, json, os, re, time, zlib
+import dataclasses, hashlib, json, os, re, time, zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +17,8 @@ from .scenes import LETTERS, letters, load_scenes
 # %% auto #0
 __all__ = ['SYSTEM_PROMPT', 'EKB_INSTRUCTIONS', 'ASSISTANT_PREFIX', 'STOP_REGEX', 'STAGE_NAMES', 'STYLES', 'FAILURE_KINDS',
            'ECHO_MARKERS', 'rationale_conversation', 'answer_forms', 'parse_rationale', 'read_jsonl', 'append_jsonl',
-           'reparse', 'write_rationales', 'generate_rationales', 'failure_counts', 'grounding', 'select_scenes',
-           'role_config', 'run_rationales', 'load_rationales']
+           'rationale_key', 'reparse', 'write_rationales', 'generate_rationales', 'failure_counts', 'grounding',
+           'select_scenes', 'role_config', 'run_rationales', 'load_rationales']
 
 # %% ../nbs/04_rationales.ipynb #8b20c687
 SYSTEM_PROMPT = ("You simulate a real user of a recommender system. You read who the user is, what they "
@@ -101,6 +101,11 @@ def append_jsonl(path: str | Path, records: list[dict]):
         for r in records: f.write(json.dumps(r, ensure_ascii=False) + "\n")
         f.flush(); os.fsync(f.fileno())
 
+# %% ../nbs/04_rationales.ipynb #420d2e48
+def rationale_key(scene: dict, model: str) -> str:
+    "A short hash of what a rationale is written for: the model's name and the scene's text."
+    return hashlib.sha1(f"{model}\0{scene['scene_text']}".encode()).hexdigest()[:16]
+
 # %% ../nbs/04_rationales.ipynb #967620f1
 def _is_truncated(llm, text: str, max_new_tokens: int) -> bool:
     count = getattr(llm, "count_tokens", None)        # local backends count exactly
@@ -154,8 +159,10 @@ def write_rationales(llm, convs: list, n: int, sampling,
 def generate_rationales(llm, scenes: list[dict], role: str, out_file: str | Path, n: int, sampling,
                         batch_scenes: int = 4, seed: int = 0, progress: bool = True,
                         staged: bool = True, field_tokens: int = 32) -> list[dict]:
-    "Append the missing (scene, role, sample) rationales for `scenes` to `out_file`; return all records."
-    done = {(r["scene_id"], r["sample"]) for r in read_jsonl(out_file)}
+    "Append the missing (scene, role, sample) rationales for `scenes` to `out_file`; return the records of `scenes` (this model, this text)."
+    keys = {s["scene_id"]: rationale_key(s, llm.name) for s in scenes}
+    current = lambda: [r for r in read_jsonl(out_file) if r.get("key") == keys.get(r["scene_id"])]
+    done = {(r["scene_id"], r["sample"]) for r in current()}
     todo = [s for s in scenes if any((s["scene_id"], j) not in done for j in range(n))]
     batches = [todo[i:i + batch_scenes] for i in range(0, len(todo), batch_scenes)]
     for batch in tqdm(batches, desc=f"{role} rationales", disable=not progress or not batches):
@@ -168,11 +175,11 @@ def generate_rationales(llm, scenes: list[dict], role: str, out_file: str | Path
         for s, texts in zip(batch, outs):
             for j, (full, cut) in enumerate(texts):
                 if (s["scene_id"], j) in done: continue
-                recs.append(reparse({"scene_id": s["scene_id"], "domain": s["domain"], "role": role, "model": llm.name, "sample": j,
+                recs.append(reparse({"scene_id": s["scene_id"], "domain": s["domain"], "role": role, "model": llm.name, "key": keys[s["scene_id"]], "sample": j,
                                      "text": full, "gt_letter": s["gt_letter"], "choice_cnt": s["choice_cnt"], "seconds": round(dt, 3),
                                      "truncated": bool(cut), "staged": bool(staged)}))
         append_jsonl(out_file, recs)
-    return read_jsonl(out_file)
+    return current()
 
 # %% ../nbs/04_rationales.ipynb #9e9e8bc0
 def failure_counts(records: list[dict]) -> dict:
@@ -237,7 +244,7 @@ def run_rationales(cfg: Config) -> Path:
     scenes = select_scenes(cfg)
     rc = cfg.rationales
     sampling = Sampling(temperature=rc.temperature, top_p=rc.top_p, max_new_tokens=rc.max_new_tokens, seed=cfg.seed, stop_regex=STOP_REGEX)
-    timing = {}
+    timing, current = {}, {}
     for role in ("teacher", "student"):
         t1 = time.time()
         llm = make_llm(role_config(cfg, role), cfg.assets.cache_path)
@@ -247,12 +254,11 @@ def run_rationales(cfg: Config) -> Path:
                                        staged=rc.staged, field_tokens=rc.field_tokens)
         finally:
             llm.close()
-        made = len(recs) - before
+        made, current[role] = len(read_jsonl(out / "parts" / f"{role}.jsonl")) - before, recs
         timing[role] = {"model": cfg.models[role].model, "generated_now": made, "seconds": round(time.time() - t1, 1),
                         "seconds_per_rationale": round((time.time() - t1) / made, 2) if made else None}
         print(f"{role} ({cfg.models[role].model}): {made} new rationales in {time.time() - t1:.0f}s; {len(recs)} in all")
-    keys = {s["scene_id"] for s in scenes}
-    recs = [reparse(r) for role in ("teacher", "student") for r in read_jsonl(out / "parts" / f"{role}.jsonl") if r["scene_id"] in keys]
+    recs = [reparse(r) for role in ("teacher", "student") for r in current[role]]     # this run's scenes, texts and models only
     from datasets import Dataset
     with atomic_path(out / "rationales.parquet") as t:
         Dataset.from_pandas(pd.DataFrame(recs), preserve_index=False).to_parquet(str(t))

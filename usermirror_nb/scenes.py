@@ -19,7 +19,7 @@ from .config import (Config, ConfigError, DomainConfig, ScenesConfig, atomic_pat
 
 # %% auto #0
 __all__ = ['LETTERS', 'TEMPLATES', 'SAMPLER_IDS', 'SCENE_COLUMNS', 'SPLITS', 'letters', 'render_rows', 'Domain', 'prepare_domain',
-           'ScenePlan', 'no_targets_message', 'plan_scenes', 'Stats', 'compute_stats', 'sample_negatives',
+           'n_earlier', 'ScenePlan', 'no_targets_message', 'plan_scenes', 'Stats', 'compute_stats', 'sample_negatives',
            'evidence_lines', 'render_scene', 'precompute', 'assemble_scenes', 'build_scenes', 'item_embeddings',
            'scenes_summary', 'save_scenes', 'load_scenes', 'run_scenes']
 
@@ -146,6 +146,18 @@ def prepare_domain(users: pd.DataFrame, items: pd.DataFrame, inter: pd.DataFrame
                   ptr=np.concatenate([[0], np.cumsum(np.bincount(uidx, minlength=len(us)))]).astype(np.int64),
                   items=iidx[order].astype(np.int64), feedback=x["feedback"].to_numpy(float)[order], time=t[order])
 
+# %% ../nbs/02_scenes.ipynb #211ee386
+def n_earlier(dom: Domain, pos: np.ndarray, user: np.ndarray | None = None) -> np.ndarray:
+    "(len(pos),) how many of the same user's interactions are strictly earlier in time than each position in `pos` (`user`: their users, if known)."
+    pos = np.asarray(pos, np.int64)
+    user = dom.user_of[pos] if user is None else np.asarray(user, np.int64)
+    if not dom.has_time: return pos - dom.ptr[user]            # no time: file order is the order
+    out = np.empty(len(pos), np.int64)
+    for u in np.unique(user):                                  # each user's times are sorted: the first tie is a searchsorted away
+        m = user == u
+        out[m] = np.searchsorted(dom.time[dom.ptr[u]:dom.ptr[u + 1]], dom.time[pos[m]], side="left")
+    return out
+
 # %% ../nbs/02_scenes.ipynb #a56e4da3
 @dataclass
 class ScenePlan:
@@ -163,7 +175,7 @@ def no_targets_message(dom: Domain, split: str, users: np.ndarray, scfg: ScenesC
     for u in users:
         a, b = dom.ptr[u], dom.ptr[u + 1]
         ok = dom.feedback[a:b] >= dom.positive_min
-        earlier = np.arange(b - a) >= scfg.min_history if dom.has_time else np.full(b - a, (b - a - 1) >= scfg.min_history)
+        earlier = n_earlier(dom, np.arange(a, b), np.full(b - a, u)) >= scfg.min_history if dom.has_time else np.full(b - a, (b - a - 1) >= scfg.min_history)
         tot += b - a; pos += int(ok.sum()); hist += int((ok & earlier).sum())
     why = ("the user split leaves it no users" if len(users) == 0 else "positive_min" if pos == 0 else "min_history")
     return (f"domain {dom.name}: no {split} scenes can be built ({why} emptied it): {len(users)} {split} users of {dom.n_users} "
@@ -179,7 +191,7 @@ def _targets(dom: Domain, users: np.ndarray, n: int, per_user: int, min_history:
         a, b = dom.ptr[u], dom.ptr[u + 1]
         idx = np.arange(a, b)
         ok = dom.feedback[a:b] >= dom.positive_min
-        ok &= ((idx - a) >= min_history) if dom.has_time else ((b - a - 1) >= min_history)
+        ok &= (n_earlier(dom, idx, np.full(b - a, u)) >= min_history) if dom.has_time else ((b - a - 1) >= min_history)
         cand = idx[ok]
         if len(cand) == 0: continue
         pick = rng.choice(cand, size=min(per_user, len(cand), n - len(us)), replace=False)
@@ -242,13 +254,14 @@ def compute_stats(dom: Domain, train_users: np.ndarray, cutoff: float, exclude_p
 
 # %% ../nbs/02_scenes.ipynb #601b9866
 def _hist_positions(dom: Domain, user: np.ndarray, pos: np.ndarray, L: int) -> np.ndarray:
-    "(S, L) interaction positions of each scene's history, oldest first, left-padded with -1."
+    "(S, L) interaction positions of each scene's history (strictly earlier than the target), oldest first, left-padded with -1."
     out = np.full((len(pos), L), -1, dtype=np.int64)
     a = dom.ptr[user]
     if dom.has_time:
-        start = np.maximum(a, pos - L)
-        for j in range(L):   # fill from the right: position pos-1-j goes to column L-1-j
-            p = pos - 1 - j
+        end = a + n_earlier(dom, pos, user)      # one past the last interaction strictly before the target's time
+        start = np.maximum(a, end - L)
+        for j in range(L):   # fill from the right: position end-1-j goes to column L-1-j
+            p = end - 1 - j
             ok = p >= start
             out[ok, L - 1 - j] = p[ok]
     else:   # other interactions of the user in file order, target removed, last L
