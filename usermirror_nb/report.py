@@ -13,9 +13,9 @@ import pandas as pd
 from .config import Config, STAGES, load_config, package_versions, record_stage, write_json, atomic_path
 
 # %% auto #0
-__all__ = ['BASELINE_NAMES', 'pct', 'ci', 'num', 'md_table', 'load_artifacts', 'model_kind', 'all_metrics', 'metric_table',
-           'headline', 'accuracy_figure', 'git_state', 'role_strength', 'rationale_rows', 'paired_rows', 'readout_rows',
-           'hybrid_rows', 'build_report', 'run_report']
+__all__ = ['BASELINE_NAMES', 'FIGURE_CAPTIONS', 'pct', 'ci', 'num', 'md_table', 'load_artifacts', 'model_kind', 'all_metrics',
+           'metric_table', 'headline', 'accuracy_figure', 'git_state', 'role_strength', 'rationale_rows', 'paired_rows',
+           'readout_rows', 'hybrid_rows', 'figure', 'data_behind', 'build_report', 'run_report']
 
 # %% ../nbs/10_report.ipynb #92653f68
 def pct(v) -> str:
@@ -314,6 +314,40 @@ def hybrid_rows(hy: dict | None) -> tuple[str, pd.DataFrame]:
             for mdl, v in hy.get("valid", {}).items()]
     return text, pd.DataFrame(rows)
 
+# %% ../nbs/10_report.ipynb #eeab53ff
+FIGURE_CAPTIONS = {
+    "accuracy.png": "Each bar is one model's sampled accuracy on the eval scenes with its 95% CI, per domain; the dashed line is "
+                    "chance (1/k). Look for bars whose whole interval clears the line, and for LLM bars against the classic models'.",
+    "difficulty.png": "The classic baselines on the same users with each negative sampler alone (top: sampled, bottom: argmax). "
+                      "Random and content negatives are easy for popularity and item-kNN; collaborative negatives are the hard case.",
+    "position_bias.png": "How often each model's top choice sits at each position; a position-fair simulator is flat at 1/k. "
+                         "A bar far above 1/k is a preference for a place in the list, not for an item (small models read by letter pile onto A).",
+    "reliability.png": "Confidence of the top choice against how often it is right, in bins; the diagonal is perfect calibration. "
+                       "Points below it are overconfident, points above underconfident; the ECE column of the main table sums the gaps.",
+    "uncertainty_hist.png": "Stage 05's uncertainties per training scene, teacher and student rationales; distillation keeps the scenes "
+                            "where the student is most uncertain relative to the teacher (right panel, largest values).",
+    "loss": "Training loss per optimizer step of `{name}`; a curve still falling at its last step means more steps would help.",
+}
+
+def figure(file: str, alt: str, name: str = "") -> str:
+    "A figure under `figures/` with its caption (an italic line that says what to see)."
+    cap = FIGURE_CAPTIONS["loss" if file.startswith("loss_") else file].format(name=name)
+    return f"![{alt}](figures/{file})\n\n*{cap}*"
+
+def data_behind(art: dict) -> str:
+    "One sentence: rationales parsed per role, distillation scenes kept (per domain), and what each trained model saw."
+    ra, ds = (art.get("rationales") or {}).get("per_role", {}), art.get("distill") or {}
+    parts = [f"{v.get('valid', 0)} of {v.get('total', 0)} {r} rationales parsed" for r, v in sorted(ra.items())]
+    if "kept" in ds:
+        by = ds.get("kept_by_domain") or {}
+        parts.append(f"distillation kept {ds['kept']} of {ds.get('scenes_scored', '?')} scored scenes" +
+                     (" (" + ", ".join(f"{d}: {n}" for d, n in sorted(by.items())) + ")" if by else ""))
+    for x in (art.get("models") or {}).get("models", []):
+        seen = (f"{x['train_examples']} examples" if x.get("train_examples") else
+                f"{x['tokens_trained']:,} tokens" if x.get("tokens_trained") else None)
+        if seen: parts.append(f"`{x['name']}` trained on {seen} ({x.get('steps', '?')} steps)")
+    return ("Data behind these models: " + "; ".join(parts) + ".") if parts else ""
+
 # %% ../nbs/10_report.ipynb #bec7687a
 _FIGURES = {"uncertainty/uncertainty_hist.png": "uncertainty_hist.png", "evaluate/reliability.png": "reliability.png",
             "evaluate/position_bias.png": "position_bias.png", "baselines/difficulty.png": "difficulty.png"}
@@ -364,11 +398,11 @@ This profile has {n_eval} eval scenes in all ({", ".join(f"{d}: {v.get('eval', 0
     main = metric_table(m, "eval", "direct", groups=groups)
     numbers["main"] = main.to_dict("records")
     out.append(_section("Main table: simulators and baselines on eval scenes (direct mode)", md_table(main) +
-                        "\n\n![accuracy per model and domain](figures/accuracy.png)"))
+                        "\n\n" + figure("accuracy.png", "accuracy per model and domain")))
     text, numbers["headline"] = headline(m, cfg.models["student"].model, k, groups)
     if text:
         out.append(_section("Headline", "Accuracy % [95% CI] on eval scenes, direct mode; \"above\" / \"below\" only when the "
-                            "intervals do not overlap.\n\n" + text))
+                            "intervals do not overlap.\n\n" + text + ("\n\n" + data_behind(art) if data_behind(art) else "")))
     hl = next((h for h in numbers["headline"] if h["group"] == "all"), None)
     if hl:
         ft = [n for n in m.loc[(m["kind"] == "fine-tuned") & (m["split"] == "eval"), "model"].unique()] if len(m) else []
@@ -442,7 +476,7 @@ This profile has {n_eval} eval scenes in all ({", ".join(f"{d}: {v.get('eval', 0
                             "How hard the task is depends on how negatives are drawn (DESIGN.md §5): uniform negatives are mostly "
                             "obscure items, so popularity alone wins there. Cells: argmax accuracy % [95% CI] on eval scenes; `mix` is the "
                             "profile's own sampler mix (the main table's scenes).\n\n" + md_table(_difficulty_wide(dif)) +
-                            "\n\n![task difficulty](figures/difficulty.png)"))
+                            "\n\n" + figure("difficulty.png", "task difficulty")))
     # position bias
     pb = m[(m.get("split") == "eval") & (m.get("mode") == "direct") & (m.get("group") == "all")] if len(m) else m
     if len(pb) and "letter_hist" in pb:
@@ -452,7 +486,7 @@ This profile has {n_eval} eval scenes in all ({", ".join(f"{d}: {v.get('eval', 0
         numbers["position_bias"] = rows
         out.append(_section("Position bias", "Share of argmax predictions per letter, and accuracy by ground-truth position "
                             f"(a fair simulator predicts each letter about {pct(1 / k)}% of the time).\n\n" + md_table(pd.DataFrame(rows)) +
-                            "\n\n![position bias](figures/position_bias.png)\n\n![reliability](figures/reliability.png)"))
+                            "\n\n" + figure("position_bias.png", "position bias") + "\n\n" + figure("reliability.png", "reliability")))
     ro = readout_rows(m, list(cfg.evaluate.readouts), k)
     if len(ro):
         numbers["readouts"] = ro.to_dict("records")
@@ -474,7 +508,10 @@ This profile has {n_eval} eval scenes in all ({", ".join(f"{d}: {v.get('eval', 0
         keys = [x for x in ("rationales_read", "scenes_scored", "dropped_no_correct", "no_correct_teacher", "no_incorrect", "kept") if x in ds]
         out.append(_section("What the models learned from", "Distillation (behaviour sampling, denoising, uncertainty ranking): " +
                             ", ".join(f"{x.replace('_', ' ')} = {ds[x]}" for x in keys) + "\n\n" + md_table(pd.DataFrame(srows)) +
-                            "\n\nModels trained (steps × batch = examples seen):\n\n" + md_table(_models_rows(art))))
+                            "\n\nModels trained (steps × batch = examples seen):\n\n" + md_table(_models_rows(art)) +
+                            "".join("\n\n" + figure(f"loss_{x['name']}.png", f"training loss of {x['name']}", x["name"])
+                                    for x in (art.get("models") or {}).get("models", [])
+                                    if (Path(cfg.results_dir) / "figures" / f"loss_{x['name']}.png").exists())))
     ra = art.get("rationales") or {}
     un = art.get("uncertainty") or {}
     cp = art.get("choice_probs")
@@ -495,7 +532,7 @@ This profile has {n_eval} eval scenes in all ({", ".join(f"{d}: {v.get('eval', 0
                        f"(paired difference {ci(d['accuracy'], d['accuracy_lo'], d['accuracy_hi'])} points).")
             body += (f"\n\nTeacher vs student: each role's rationales read by {un.get('predictor', 'the predictor')} "
                      f"({un.get('readout', cfg.models['predictor'].readout)} readout) on the training scenes." + verdict + "\n\n" + md_table(rs))
-        out.append(_section("Rationales: parsed, and teacher vs student", body + "\n\n![uncertainty](figures/uncertainty_hist.png)"))
+        out.append(_section("Rationales: parsed, and teacher vs student", body + "\n\n" + figure("uncertainty_hist.png", "uncertainty")))
     st = _stage_rows(art)
     numbers["stages"] = st.to_dict("records")
     total = sum(float(r["seconds"]) for r in art["stages"].values() if r.get("seconds") is not None)
