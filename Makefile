@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(shell cat settings.ini setup.py pyproject.toml | s
 # pip here prints one harmless line per package for an extra index that does not exist; hide them (exit status kept)
 QUIET_PIP := { grep -v "^WARNING: Location 'file:///opt/pypi.* is ignored" || true; }
 
-.PHONY: help install paper test export clean lab readme recipe-study
+.PHONY: help install paper test test-slow export clean lab readme recipe-study
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
@@ -43,6 +43,10 @@ test: install  ## export is in sync, notebook tests (nbdev_test), pytest (not sl
 	rm -rf $$tmp; echo "nbdev_export: usermirror_nb/ is in sync with nbs/"
 	$(BIN)/nbdev_test --n_workers 2
 	$(BIN)/pytest -q -rs tests -m "not slow"
+
+test-slow: install  ## the slow tier: notebook demos marked `#| slow` (real training runs, ~3 min) and pytest -m slow
+	$(BIN)/nbdev_test --n_workers 1 --flags slow
+	$(BIN)/pytest -q -rs tests -m slow || [ $$? -eq 5 ]   # 5: no test is marked slow yet
 
 export: install  ## notebooks -> usermirror_nb/
 	$(BIN)/nbdev_export

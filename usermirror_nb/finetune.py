@@ -542,6 +542,7 @@ def plot_training(history: list[dict], path: str | Path, title: str = ""):
         ax2 = ax.twinx(); ax2.plot(*zip(*acc), color="C1", marker="o", label="held-out accuracy"); ax2.set_ylabel("held-out accuracy")
     fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
 
+# %% ../nbs/07_finetune.ipynb #b10c2afd
 def _train_and_save(trainer, out_dir: Path, tokenizer, info: dict, fcfg: FinetuneConfig, cache_dir=None) -> dict:
     from transformers.trainer_utils import get_last_checkpoint
     ck = Path(trainer.args.output_dir)
@@ -579,6 +580,8 @@ def _train_and_save(trainer, out_dir: Path, tokenizer, info: dict, fcfg: Finetun
 def _frame(ds) -> pd.DataFrame:
     return ds if isinstance(ds, pd.DataFrame) else ds.to_pandas() if hasattr(ds, "to_pandas") else pd.DataFrame(ds)
 
+
+# %% ../nbs/07_finetune.ipynb #ddd508d4
 def train_sft(base_model: str,                 # the student (registry name, folder or HF id)
               train_ds,                        # SFT table (contract 1): DataFrame or datasets.Dataset
               fcfg: FinetuneConfig,            # method, loss_on, LoRA and trainer settings
@@ -632,6 +635,8 @@ def train_sft(base_model: str,                 # the student (registry name, fol
     if compact_head and _on_cpu(device): compact_lm_head(_unwrap(trainer.model))
     return _train_and_save(trainer, out_dir, tok, info, fcfg, cache_dir)
 
+
+# %% ../nbs/07_finetune.ipynb #cd549d20
 def train_dpo(base_model: str,
               sft_dir: str | Path,             # the finished SFT model folder DPO starts from (and whose policy is the reference)
               pref_ds,                         # preference table (contract 1): DataFrame or datasets.Dataset
@@ -687,6 +692,7 @@ def train_dpo(base_model: str,
         compact_lm_head(_unwrap(trainer.model))
         if trainer.ref_model is not None: compact_lm_head(trainer.ref_model)
     return _train_and_save(trainer, out_dir, tok, info, fcfg, cache_dir)
+
 
 # %% ../nbs/07_finetune.ipynb #3da5ccf5
 def merge_adapter(base_model: str, adapter_dir: str | Path, out_dir: str | Path, cache_dir=None) -> Path:
