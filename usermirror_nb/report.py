@@ -13,9 +13,10 @@ import pandas as pd
 from .config import Config, STAGES, load_config, package_versions, record_stage, write_json, atomic_path
 
 # %% auto #0
-__all__ = ['BASELINE_NAMES', 'FIGURE_CAPTIONS', 'pct', 'ci', 'num', 'md_table', 'load_artifacts', 'model_kind', 'all_metrics',
-           'metric_table', 'headline', 'accuracy_figure', 'git_state', 'role_strength', 'rationale_rows', 'paired_rows',
-           'readout_rows', 'hybrid_rows', 'figure', 'data_behind', 'build_report', 'run_report']
+__all__ = ['BASELINE_NAMES', 'FIGURE_CAPTIONS', 'REPORT_SECTIONS', 'pct', 'ci', 'num', 'md_table', 'load_artifacts', 'model_kind',
+           'all_metrics', 'metric_table', 'headline', 'accuracy_figure', 'git_state', 'role_strength', 'rationale_rows',
+           'paired_rows', 'readout_rows', 'hybrid_rows', 'figure', 'data_behind', 'report_context', 'build_report',
+           'run_report']
 
 # %% ../nbs/10_report.ipynb #92653f68
 def pct(v) -> str:
@@ -369,17 +370,22 @@ def _models_rows(art: dict) -> pd.DataFrame:
 def _section(title: str, body: str) -> str:
     return f"## {title}\n\n{body.strip()}\n"
 
-def build_report(art: dict, cfg: Config) -> tuple[str, dict]:
-    "REPORT.md text and the numbers it shows."
+# %% ../nbs/10_report.ipynb #82c6cf96
+def report_context(art: dict, cfg: Config) -> dict:
+    "What every section reads: the metric frame, k, the scene counts per domain, the groups (each domain, then all)."
     m = all_metrics(art)
-    numbers, out = {}, []
-    k = cfg.scenes.k
+    counts = {d: v.get("scenes", {}) for d, v in (art.get("scenes") or {}).items()}
+    doms = [f"domain={d}" for d in counts] or sorted({g for g in m.get("group", []) if str(g).startswith("domain=")})
+    return dict(m=m, k=cfg.scenes.k, counts=counts, groups=tuple(doms) + ("all",))
+
+# %% ../nbs/10_report.ipynb #a3805d3a
+def _intro_sections(art: dict, cfg: Config, ctx: dict, numbers: dict) -> list[str]:
+    "The title and how to read the report (metrics, CIs, the scenes behind them)."
+    m, k, counts, groups, out = ctx["m"], ctx["k"], ctx["counts"], ctx["groups"], []
     desc = cfg.description or ""
     out.append(f"# usermirror_nb — report, profile `{cfg.profile}`\n\n> {desc}\n\n"
                f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `make paper PROFILE={cfg.profile}` from the artifacts under "
                f"`results/{cfg.profile}/`. Every number below is read from those files; nothing is typed by hand.\n")
-    sc = art.get("scenes") or {}
-    counts = {d: v.get("scenes", {}) for d, v in sc.items()}
     numbers["scenes"] = counts
     n_eval = sum(v.get("eval", 0) for v in counts.values())
     out.append(_section("How to read this report", f"""
@@ -393,8 +399,12 @@ held-out users (disjoint from the users any model was trained on); negatives com
 This profile has {n_eval} eval scenes in all ({", ".join(f"{d}: {v.get('eval', 0)}" for d, v in counts.items())}):
 {"CIs are wide at this size — read differences smaller than the CIs as no difference." if n_eval < 1000 else "CIs are about ±4 points per domain."}
 """))
-    doms = [f"domain={d}" for d in counts] or sorted({g for g in m.get("group", []) if str(g).startswith("domain=")})
-    groups = tuple(doms) + ("all",)
+    return out
+
+# %% ../nbs/10_report.ipynb #e784763f
+def _result_sections(art: dict, cfg: Config, ctx: dict, numbers: dict) -> list[str]:
+    "The main table, the Headline (with the data behind it) and the paired differences."
+    m, k, counts, groups, out = ctx["m"], ctx["k"], ctx["counts"], ctx["groups"], []
     main = metric_table(m, "eval", "direct", groups=groups)
     numbers["main"] = main.to_dict("records")
     out.append(_section("Main table: simulators and baselines on eval scenes (direct mode)", md_table(main) +
@@ -425,6 +435,12 @@ This profile has {n_eval} eval scenes in all ({", ".join(f"{d}: {v.get('eval', 0
                                 "LLM-only simulator vs popularity, the hybrid vs the best baseline, `sft` vs `lm` (what SFT adds), the best fine-tuned "
                                 "model vs the base student in each other readout (`<model>[<readout>]`: is the gain the training or the readout?), and `sft` (uncertainty "
                                 "selection) vs each ablation model.\n\n" + md_table(tab)))
+    return out
+
+# %% ../nbs/10_report.ipynb #de72354b
+def _model_sections(art: dict, cfg: Config, ctx: dict, numbers: dict) -> list[str]:
+    "Thought vs direct, SFT/DPO/RosePO, the distillation ablation, plain vs evidence, the hybrid."
+    m, k, counts, groups, out = ctx["m"], ctx["k"], ctx["counts"], ctx["groups"], []
     # thought vs direct
     tm = m[(m.get("mode") == "thought")] if len(m) else m
     if len(tm):
@@ -469,6 +485,12 @@ This profile has {n_eval} eval scenes in all ({", ".join(f"{d}: {v.get('eval', 0
         out.append(_section("Hybrid simulator (product of experts)", "The LLM's choice distribution times the best classic "
                             "model's, p ∝ p_LLM^w · p_classic^(1−w), the weight fitted on validation users only. " + htext +
                             ("\n\n" + md_table(hrows) if len(hrows) else "")))
+    return out
+
+# %% ../nbs/10_report.ipynb #d402dad8
+def _diagnostic_sections(art: dict, cfg: Config, ctx: dict, numbers: dict) -> list[str]:
+    "Task difficulty per negative sampler, position bias and calibration, the readouts."
+    m, k, counts, groups, out = ctx["m"], ctx["k"], ctx["counts"], ctx["groups"], []
     dif = art.get("difficulty")
     if dif is not None and len(dif):
         numbers["difficulty"] = dif.to_dict("records")
@@ -497,6 +519,12 @@ This profile has {n_eval} eval scenes in all ({", ".join(f"{d}: {v.get('eval', 0
                             f"history (no scene prompt, no exposure list; the `lm` run's corpus format; mean token log-prob), `history_sum` the same "
                             f"titles by summed log-prob (04a_readout). The first readout ({cfg.evaluate.readouts[0]}) is on "
                             "all eval scenes, the others on the first `evaluate.readout_scenes` per domain (n).\n\n" + md_table(ro)))
+    return out
+
+# %% ../nbs/10_report.ipynb #2a61c008
+def _data_sections(art: dict, cfg: Config, ctx: dict, numbers: dict) -> list[str]:
+    "What the models learned from (distillation, models trained, learning curves) and the rationales."
+    m, k, counts, groups, out = ctx["m"], ctx["k"], ctx["counts"], ctx["groups"], []
     # training data
     ds = art.get("distill") or {}
     if ds:
@@ -533,6 +561,12 @@ This profile has {n_eval} eval scenes in all ({", ".join(f"{d}: {v.get('eval', 0
             body += (f"\n\nTeacher vs student: each role's rationales read by {un.get('predictor', 'the predictor')} "
                      f"({un.get('readout', cfg.models['predictor'].readout)} readout) on the training scenes." + verdict + "\n\n" + md_table(rs))
         out.append(_section("Rationales: parsed, and teacher vs student", body + "\n\n" + figure("uncertainty_hist.png", "uncertainty")))
+    return out
+
+# %% ../nbs/10_report.ipynb #7c8184ee
+def _run_sections(art: dict, cfg: Config, ctx: dict, numbers: dict) -> list[str]:
+    "Wall time per stage and provenance (git, packages, config hash, asset sha256 and licences)."
+    m, k, counts, groups, out = ctx["m"], ctx["k"], ctx["counts"], ctx["groups"], []
     st = _stage_rows(art)
     numbers["stages"] = st.to_dict("records")
     total = sum(float(r["seconds"]) for r in art["stages"].values() if r.get("seconds") is not None)
@@ -546,15 +580,16 @@ This profile has {n_eval} eval scenes in all ({", ".join(f"{d}: {v.get('eval', 0
     out.append(_section("Provenance", "\n".join(f"- {a}: `{b}`" for a, b in prov.items()) + "\n\nPackage versions: " +
                         ", ".join(f"{a} {b}" for a, b in vers.items()) + "\n\nModels and data (sha256 from `assets/manifest.json`):\n\n" +
                         md_table(_manifest_rows(art.get("manifest")))))
-    return "\n".join(out), numbers
-
-def _flat(d: dict, pre: str = "") -> dict:
-    "Nested dict -> {'a.b': value} with floats rounded (for the hybrid's fitted values)."
-    out = {}
-    for k_, v in d.items():
-        if isinstance(v, dict): out.update(_flat(v, f"{pre}{k_}."))
-        elif not isinstance(v, list): out[f"{pre}{k_}"] = round(v, 4) if isinstance(v, float) else v
     return out
+
+# %% ../nbs/10_report.ipynb #614bc839
+REPORT_SECTIONS = (_intro_sections, _result_sections, _model_sections, _diagnostic_sections, _data_sections, _run_sections)
+
+def build_report(art: dict, cfg: Config) -> tuple[str, dict]:
+    "REPORT.md text and the numbers it shows (`report.json`): the sections of `REPORT_SECTIONS` in order."
+    ctx, numbers = report_context(art, cfg), {}
+    return "\n".join(x for f in REPORT_SECTIONS for x in f(art, cfg, ctx, numbers)), numbers
+
 
 def _difficulty_wide(dif: pd.DataFrame) -> pd.DataFrame:
     "Sampler × (baseline, domain) accuracy with CI, as the baselines stage wrote it."
