@@ -121,6 +121,26 @@ def test_clicks_grow_the_history_with_the_rating_models_rating(dom, fit, held, r
     assert r == i["rating"] == env.state.feedback[-1] and 1.0 <= r <= 5.0 and o[-1] == i["item"]
 
 
+def test_an_outside_option_makes_good_slates_earn_more_clicks(dom, fit, held, rating):
+    "Without appeal every slate is taken with 1 - none_prob; with an outside option the model's top items beat random ones."
+    users = np.flatnonzero(held)[:40]
+    def clicks(choice, pick_top, seed=0):
+        env, rng, total = RecSimEnv(dom, choice, users=users, k=5, budget=5, rating=rating), np.random.default_rng(seed), 0
+        for i, u in enumerate(users):
+            env.reset(seed=i, options={"user": int(u)}); done = False
+            while not done:
+                s = ClassicChoice(fit, "item_knn").scores(dom, [env.state], np.arange(dom.n_items)[None, :])[0]
+                s[env.state.items] = -np.inf; s[list(env.state.shown)] = -np.inf
+                slate = np.argsort(-s)[:5] if pick_top else rng.choice(np.flatnonzero(np.isfinite(s)), 5, replace=False)
+                _, r, te, tr, _ = env.step(slate); total += r; done = te or tr
+        return total / len(users)
+    plain = ClassicChoice(fit, "item_knn", beta=3.0)
+    outside = ClassicChoice(fit, "item_knn", beta=3.0, outside=0.9)
+    top, rnd = clicks(outside, True), clicks(outside, False)
+    assert top > rnd + 0.5, (top, rnd)
+    assert abs(clicks(plain, True) - clicks(plain, False)) < 0.6     # the old behaviour: the slate barely matters
+
+
 def test_vectorised_equals_sequential(dom, fit, held, rating):
     for model in ("item_knn", "sasrec"):
         k = kw(dom, fit, held, rating, model, budget=4)

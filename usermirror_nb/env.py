@@ -90,11 +90,17 @@ class ChoiceModel:
     "A simulator in the loop: `slate_probs(dom, states, slates)` → (B, k) probability of choosing each slate item (rows sum to 1), one call per batch."
     name = "choice"
     def slate_probs(self, dom: Domain, states: list, slates: np.ndarray) -> np.ndarray: raise NotImplementedError
+    def appeal(self, dom: Domain, states: list, slates: np.ndarray) -> np.ndarray | None:
+        "(B,) probability that the user takes anything from the slate at all, or None (then `Behaviour.none_prob` alone decides)."
+        return None
 
 class ClassicChoice(ChoiceModel):
     "09_baselines' models (random, popularity, item_knn, sasrec) fitted on training users, scores → softmax with inverse temperature `beta`."
     MODELS = ("random", "popularity", "item_knn", "sasrec")
-    def __init__(self, fit: DomainFit, model: str = "item_knn", beta: float = 1.0, knn_history: int = 10, sasrec_max_len: int = 50):
+    def __init__(self, fit: DomainFit, model: str = "item_knn", beta: float = 1.0, knn_history: int = 10, sasrec_max_len: int = 50,
+                 outside: float | None = None):   # the no-choice utility: this quantile of the user's catalogue scores (None: no outside option)
+        if outside is not None and not 0.0 < outside < 1.0: raise ValueError(f"ClassicChoice: outside must be a quantile in (0, 1) or None, got {outside!r}")
+        self.outside = outside
         if model not in self.MODELS: raise ValueError(f"ClassicChoice: model must be one of {self.MODELS}, got {model!r}")
         if model == "sasrec" and fit.sasrec is None: raise ValueError("ClassicChoice('sasrec'): this DomainFit has no SASRec (fit_domain(..., sasrec=True))")
         self.fit, self.model, self.beta, self.knn_history, self.max_len, self.name = fit, model, float(beta), knn_history, sasrec_max_len, model
@@ -107,6 +113,15 @@ class ClassicChoice(ChoiceModel):
         seqs = history_matrix(states, self.max_len) + 1          # SASRec's ids: item index + 1, 0 = padding
         return sasrec_scores(self.fit.sasrec, seqs, slates)
     def slate_probs(self, dom, states, slates): return softmax_beta(self.scores(dom, states, slates), self.beta)
+    def appeal(self, dom, states, slates):
+        "Multinomial logit with an outside option: Σ e^{βs_i} / (Σ e^{βs_i} + e^{βs_0}), s_0 = the user's `outside` quantile of catalogue scores."
+        if self.outside is None: return None
+        s0 = np.quantile(self.scores(dom, states, np.tile(np.arange(dom.n_items), (len(states), 1))), self.outside, axis=1)
+        z = self.beta * np.asarray(self.scores(dom, states, slates), np.float64)
+        z0 = self.beta * s0
+        m = np.maximum(z.max(1), z0)
+        inside = np.exp(z - m[:, None]).sum(1)
+        return inside / (inside + np.exp(z0 - m))
 
 class LLMChoice(ChoiceModel):
     "A language-model simulator (08's `Simulator`, or any object with `.llm` and `.readout`): each state + slate becomes a scene, all read in one `choice_distributions` call."
@@ -125,6 +140,7 @@ class HybridChoice(ChoiceModel):
         self.llm, self.classic, self.w, self.name = llm, classic, float(w), f"hybrid({llm.name}, {classic.name}, w={w:g})"
     def slate_probs(self, dom, states, slates):
         return product_of_experts(self.llm.slate_probs(dom, states, slates), self.classic.slate_probs(dom, states, slates), self.w)
+    def appeal(self, dom, states, slates): return self.classic.appeal(dom, states, slates)   # the LLM readouts are relative only
 
 
 # %% ../nbs/11_env.ipynb #6ab0816d
@@ -175,13 +191,15 @@ def advance(dom: Domain, choice: ChoiceModel, states: list, slates: np.ndarray, 
     "One step for a batch of users: one `choice.slate_probs` call, then per user (its own rng, fixed draw order) the choice, the reward, the history, satisfaction and exit."
     slates = np.asarray(slates, np.int64)
     P = np.asarray(choice.slate_probs(dom, states, slates), np.float64)
+    A = choice.appeal(dom, states, slates)                                       # None: every slate is taken with 1 − none_prob
+    A = np.ones(len(states)) if A is None else np.clip(np.asarray(A, np.float64), 0.0, 1.0)
     if P.shape != slates.shape or not np.all(np.isfinite(P)):
         raise ValueError(f"{choice.name}: slate_probs returned shape {P.shape} (finite: {bool(np.all(np.isfinite(P)))}) for slates {slates.shape}")
     out = []
-    for s, sl, p, rng in zip(states, slates, P, rngs):
+    for s, sl, p, a, rng in zip(states, slates, P, A, rngs):
         consumed = np.isin(sl, np.asarray(s.items, np.int64))
         q = np.where(consumed, 0.0, np.maximum(p, 0.0))
-        q = (1.0 - behaviour.none_prob) * q / max(p.sum(), 1e-12)
+        q = (1.0 - behaviour.none_prob) * a * q / max(p.sum(), 1e-12)
         full = np.append(q, max(0.0, 1.0 - q.sum())); full /= full.sum()
         c = int(rng.choice(len(full), p=full))                                  # draw 1: the choice (k = none of these)
         item, r = (int(sl[c]), None) if c < len(sl) else (-1, None)
