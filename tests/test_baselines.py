@@ -109,7 +109,8 @@ def test_sasrec_learns(world):
     assert acc > 0.5, acc                                     # chance is 0.2
     s, _ = score_scenes(fit, world["scenes"], BC)
     assert _argmax_acc(s["sasrec"], world["scenes"].gt_pos) > 0.35
-    assert _argmax_acc(s["aaai2025"], world["scenes"].gt_pos) > 0.3
+    # chance 0.2; 0.25 is 2.5 SE above it on 400 scenes (0.30 before histories dropped same-second items: 0.275 after)
+    assert _argmax_acc(s["aaai2025"], world["scenes"].gt_pos) > 0.25
 
 
 def test_temperature_fitted_on_valid_only(world):
