@@ -178,7 +178,7 @@ def test_a_planted_key_never_reaches_the_results_or_the_log(env, monkeypatch):
 
 def test_ctrl_c_marks_the_stage_interrupted_and_the_summary_never_shows_the_old_run(env):
     "A finished run, then a rerun interrupted during its second stage: interrupted + not run, that stage's record gone."
-    import _thread, threading
+    import _thread, signal, threading
     prof, nbs, out = env
     rec = lambda st: HEAD + f"record_stage(cfg, '{st}', 'done')"
     make_nb(nbs, "00_config.ipynb", rec("config"))
@@ -192,9 +192,15 @@ def test_ctrl_c_marks_the_stage_interrupted_and_the_summary_never_shows_the_old_
             if summary.exists() and '"interrupted"' in summary.read_text(): return
             if (out / "started").exists(): _thread.interrupt_main(); threading.Event().wait(3.0)
             else: threading.Event().wait(0.1)
+    # Ctrl-C in a terminal reaches Python's default SIGINT handler; an earlier test in this process (a library that
+    # installs its own handler) may have replaced it, and then interrupt_main() raises nothing: put the default back
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Thread(target=ctrl_c, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        run_paper(prof, stages="config,assets,scenes", nbs_dir=nbs)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_paper(prof, stages="config,assets,scenes", nbs_dir=nbs)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     s = json.loads((out / "run_summary.json").read_text())
     assert [(r["stage"], r["status"]) for r in s["stages"]] == [("config", "done"), ("assets", "interrupted"), ("scenes", "not run")]
     assert s["interrupted"] == "assets" and "interrupted: assets" in s["line"] and "not run: scenes" in s["line"]
