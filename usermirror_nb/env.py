@@ -116,8 +116,9 @@ class ClassicChoice(ChoiceModel):
     def appeal(self, dom, states, slates):
         "Multinomial logit with an outside option: Σ e^{βs_i} / (Σ e^{βs_i} + e^{βs_0}), s_0 = the user's `outside` quantile of catalogue scores."
         if self.outside is None: return None
-        s0 = np.quantile(self.scores(dom, states, np.tile(np.arange(dom.n_items), (len(states), 1))), self.outside, axis=1)
-        z = self.beta * np.asarray(self.scores(dom, states, slates), np.float64)
+        full = np.asarray(self.scores(dom, states, np.tile(np.arange(dom.n_items), (len(states), 1))), np.float64)
+        s0 = np.quantile(full, self.outside, axis=1)
+        z = self.beta * np.take_along_axis(full, np.asarray(slates, np.int64), 1)      # the slate's scores, read off the catalogue's
         z0 = self.beta * s0
         m = np.maximum(z.max(1), z0)
         inside = np.exp(z - m[:, None]).sum(1)
