@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(shell cat settings.ini setup.py pyproject.toml | s
 # pip here prints one harmless line per package for an extra index that does not exist; hide them (exit status kept)
 QUIET_PIP := { grep -v "^WARNING: Location 'file:///opt/pypi.* is ignored" || true; }
 
-.PHONY: help install paper test test-slow export clean lab readme recipe-study policy-study
+.PHONY: help install paper test test-slow export clean lab readme recipe-study policy-study augment-study
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
@@ -33,6 +33,10 @@ paper: install  ## run the stage notebooks with papermill for PROFILE (results/$
 policy-study: install  ## recommenders in the loop (12_policies): 5 recommenders incl. SB3 PPO x 3 simulators, replay metrics, Kendall tau -> results/policy_study/
 	$(BIN)/usermirror-paper --profile quick --stages config,assets
 	$(BIN)/python -c "from usermirror_nb.config import load_config; from usermirror_nb.policies import run_policy_study; run_policy_study(load_config('quick'))"
+
+augment-study: install  ## simulator-labelled choices in SASRec's training data (13_augment): none / hybrid / LLM / item-kNN / random labels, replay on held-out users -> results/augment_study/
+	$(BIN)/usermirror-paper --profile quick --stages config,assets
+	$(BIN)/python -c "from usermirror_nb.config import load_config; from usermirror_nb.augment import run_augment_study; run_augment_study(load_config('quick'), llm_labels=150, sasrec_seeds=3)"
 
 recipe-study: install  ## the recipe study (07b_recipe_study): scenes in results/study/, curves in results/recipe_study/ (variants without a result)
 	$(BIN)/usermirror-paper --profile quick --overrides "profile=study,scenes.train_scenes=1000" --stages config,assets,scenes

@@ -435,6 +435,51 @@ def test_qlora_nf4_on_cpu_learns_after_a_forward_pass(scenes, tok):
     assert math.isfinite(after) and after < l1 - 0.05, (l0, l1, after)
 
 
+def test_qlora_dpo_keeps_the_adapter_fp32_and_moves_it_at_dpo_lr(tmp_path, tok):
+    """#11.2: trl's DPOTrainer casts a 4-bit model's trainable weights to bf16 (trl/trainer/dpo_trainer.py, `if _is_quantized_model`);
+    an Adam step is ~lr per weight and at dpo_lr 1e-5 that is below half a bf16 step for |w| > 2.6e-3, so ~97% of the LoRA A
+    weights never moved, and the bf16 policy differed from its fp32 "ref" copy at step 1 (margin -6e-5, not 0). train_dpo
+    casts them back to fp32 with their pre-cast values (so the policy equals trl's "ref" copy at step 1), and train_sft
+    does the same. A tiny random Llama (hidden 64, SmolLM2's vocabulary) in nf4 on CPU: QLoRA SFT 2 steps, then 1 step."""
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)
+    base = tmp_path / "tiny"
+    LlamaForCausalLM(cfg).save_pretrained(base); tok.save_pretrained(base)
+    prompt = lambda i: [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": f"Scene {i}: [A] a [B] b [C] c [D] d"}]
+    sft = pd.DataFrame([{"messages": prompt(i) + [{"role": "assistant", "content": f"Behavior: [{LETTERS[i % 4]}]"}], "scene_id": f"s{i}",
+                         "domain": "movielens", "choice_cnt": 4, "gt_pos": i % 4, "behavior_pos": i % 4, "with_rationale": False} for i in range(4)])
+    pref = pd.DataFrame([{"prompt": prompt(i), "chosen": [{"role": "assistant", "content": f"Stimulus: curiosity.\nBehavior: [{LETTERS[i % 4]}]"}],
+                          "rejected": [{"role": "assistant", "content": f"Stimulus: boredom.\nBehavior: [{LETTERS[(i + 1) % 4]}]"}],
+                          "scene_id": f"s{i}", "domain": "movielens", "choice_cnt": 4, "gt_pos": i % 4, "chosen_pos": i % 4,
+                          "rejected_pos": (i + 1) % 4, "chosen_entropy": 1.2, "rejected_entropy": 1.5, "chosen_prob": 0.3,
+                          "rejected_prob": 0.4, "diff_model_uncertainty": 0.1} for i in range(2)])
+    cfg = fcfg(method="qlora", lora_r=4, lora_alpha=8, sft_lr=1e-3, dpo_lr=1e-5, sft_max_steps=2, dpo_max_steps=1)
+    assert train_sft(str(base), sft, cfg, tmp_path / "sft", device="cpu")["complete"]
+    before = load_file(str(tmp_path / "sft" / "adapter_model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in before.values())   # trl's SFTTrainer makes the same cast: undone there too
+    for smoothed in (False, True):
+        seen = {}
+        class Dtypes(TrainerCallback):
+            def on_train_begin(self, args, state, control, model=None, **kw):
+                seen.update({n: p.dtype for n, p in model.named_parameters() if p.requires_grad})
+        out = tmp_path / ("dpo_smoothed" if smoothed else "dpo")
+        um = train_dpo(str(base), tmp_path / "sft", pref, cfg, out, smoothed=smoothed, device="cpu", callbacks=[Dtypes()])
+        assert um["complete"] and um["steps"] == 1
+        assert len(seen) == 28 and set(seen.values()) == {torch.float32}, set(seen.values())     # 2 layers x 7 linears x A, B
+        first = [h for h in json.loads((out / "log_history.json").read_text()) if "loss" in h][0]
+        assert first["rewards/margins"] == 0 and first["loss"] == pytest.approx(math.log(2), abs=1e-6)   # policy = its reference copy
+        after = load_file(str(out / "adapter_model.safetensors"))
+        assert after.keys() == before.keys() and all(v.dtype == torch.float32 for v in after.values())
+        for part in ("lora_A", "lora_B"):
+            ks = [k for k in before if part in k]
+            moved = sum(int((after[k] != before[k].float()).sum()) for k in ks) / sum(before[k].numel() for k in ks)
+            assert moved > 0.99, (smoothed, part, moved)           # bf16 weights: 3% of lora_A moved
+
+
 @pytest.mark.gpu
 def test_qlora_on_gpu(scenes, tmp_path):
     "QLoRA SFT + RosePO on CUDA (bf16 compute, checkpointing): finite losses and the peak memory of the embedded student."

@@ -236,7 +236,7 @@ def test_vllm_backend_matches_transformers():
     out = v.generate([CONV], n=2, sampling=Sampling(max_new_tokens=16, seed=0, stop_regex=r"Behavior:\s*\[[A-Z]\]"))
     assert len(out) == 1 and len(out[0]) == 2 and all(isinstance(x, str) for x in out[0])
     vp, tp = v.choice_probs([CONV], [CONTS], k=5)[0], t.choice_probs([CONV], [CONTS], k=5)[0]
-    np.testing.assert_allclose(vp.probs, tp.probs, atol=2e-3)             # exact letters (prompt_logprobs), GPU kernels differ
+    np.testing.assert_allclose(vp.probs, tp.probs, atol=2e-3)             # the letters are in the top 20 here; GPU kernels differ
     np.testing.assert_allclose(vp.letter_mass, tp.letter_mass, atol=2e-3)
     v.close(); t.close()
 

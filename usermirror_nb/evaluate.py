@@ -485,6 +485,7 @@ def _save_part(df: pd.DataFrame, path: Path, info: dict):
     with atomic_path(path) as t: df.to_parquet(t, index=False)
     write_json(path.with_suffix(".json"), info)
 
+# %% ../nbs/08_evaluate.ipynb #e9d2dbd8
 def _load_sim(spec: SimSpec, cfg: Config) -> Simulator:
     from usermirror_nb.llm import Sampling, make_llm
     from usermirror_nb.rationales import STOP_REGEX
@@ -583,3 +584,4 @@ def run_evaluate(cfg: Config, progress: bool = True) -> Path:
                   "valid_scenes": len(scenes["valid"]), "thought_scenes": len(thought_scenes)},
                  note=f"not available, skipped: {', '.join(plan['missing'])}" if plan["missing"] else "")
     return out / "metrics.parquet"
+

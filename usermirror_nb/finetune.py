@@ -542,6 +542,24 @@ def plot_training(history: list[dict], path: str | Path, title: str = ""):
         ax2 = ax.twinx(); ax2.plot(*zip(*acc), color="C1", marker="o", label="held-out accuracy"); ax2.set_ylabel("held-out accuracy")
     fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
 
+def _trainable_copy(model) -> dict:
+    "The trainable weights by name, copied (taken before a trainer is built, to undo its cast exactly)."
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+def _fp32_trainable(model, exact: dict | None = None) -> int:
+    """Cast the trainable (adapter) weights back to fp32, restoring their values from `exact` where it has them; returns how many.
+    trl's SFTTrainer and DPOTrainer cast a 4-bit model's trainable weights to bf16 in their __init__ (the QLoRA paper's choice):
+    an Adam step is ~lr per weight, and at dpo_lr 1e-5 that is below half a bf16 step (|w| 2^-9) for every |w| > 2.6e-3, so most
+    LoRA A weights never moved. Restoring the pre-cast values matters for DPO: trl's frozen "ref" copy of the SFT adapter was
+    taken before the cast, so a merely re-widened policy would differ from its reference at step 1."""
+    import torch
+    n = 0
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = exact[name].float() if exact and name in exact else p.data.float(); n += 1
+    return n
+
+
 # %% ../nbs/07_finetune.ipynb #b10c2afd
 def _train_and_save(trainer, out_dir: Path, tokenizer, info: dict, fcfg: FinetuneConfig, cache_dir=None) -> dict:
     from transformers.trainer_utils import get_last_checkpoint
@@ -615,7 +633,7 @@ def train_sft(base_model: str,                 # the student (registry name, fol
             "with_rationale": int(df["with_rationale"].astype(bool).sum()), "seed": seed, "device": device, **(meta or {})}
     spec = {"finetune": dataclasses.asdict(fcfg), "base_model": str(base_model), "seed": seed, "run": "sft", "overrides": args_overrides,
             "data": _fingerprint([m for m in df["messages"]] if readout not in HISTORY_READOUTS else [df["prompt"].tolist(), df["completion"].tolist()]),
-            "eval_every": eval_every}
+            "eval_every": eval_every, **({"adapter_dtype": "float32"} if fcfg.method == "qlora" else {})}   # qlora runs trained in bf16 are retrained
     info["fingerprint"] = fp = _fingerprint(spec)
     if (done := _finished(out_dir, fp)) is not None: return done
     train_tok = training_tokenizer(tok) if fcfg.loss_on == "assistant" and readout not in HISTORY_READOUTS else tok    # letter labels come from the ids alone
@@ -632,6 +650,7 @@ def train_sft(base_model: str,                 # the student (registry name, fol
     if eval_scenes is not None and eval_every > 0: cbs.append(held_out_callback(eval_scenes, tok, base_model, eval_every, readout=readout))
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=train_tok, callbacks=cbs,
                          peft_config=lcfg)
+    if fcfg.method == "qlora": _fp32_trainable(trainer.model)   # undo trl's bf16 cast (before train() builds the optimizer)
     if compact_head and _on_cpu(device): compact_lm_head(_unwrap(trainer.model))
     return _train_and_save(trainer, out_dir, tok, info, fcfg, cache_dir)
 
@@ -668,7 +687,7 @@ def train_dpo(base_model: str,
             **(meta or {})}
     spec = {"finetune": dataclasses.asdict(fcfg), "base_model": str(base_model), "seed": seed, "run": run, "overrides": args_overrides,
             "data": _fingerprint([df[f].tolist() for f in ("prompt", "chosen", "rejected")] + [None if eps is None else eps.tolist()]),
-            "sft": sft.get("fingerprint")}
+            "sft": sft.get("fingerprint"), **({"adapter_dtype": "float32"} if fcfg.method == "qlora" else {})}   # qlora runs trained in bf16 are retrained
     info["fingerprint"] = fp = _fingerprint(spec)
     if (done := _finished(out_dir, fp)) is not None: return done
     args = dpo_config(fcfg, out_dir / "checkpoints", device, seed, **args_overrides)
@@ -686,8 +705,10 @@ def train_dpo(base_model: str,
     Trainer = RosePOTrainer if smoothed else DPOTrainer
     coll = (RosePOCollator(pad_token_id=tok.pad_token_id, max_length=args.max_length, truncation_mode=args.truncation_mode,
                              pad_to_multiple_of=args.pad_to_multiple_of) if smoothed else None)
+    exact = _trainable_copy(model) if fcfg.method == "qlora" else None
     trainer = Trainer(model=model, ref_model=ref, args=args, train_dataset=pref_dataset(df, eps), processing_class=tok,
                       data_collator=coll, callbacks=list(callbacks))
+    if fcfg.method == "qlora": _fp32_trainable(trainer.model, exact)   # undo trl's bf16 cast exactly (before train() builds the optimizer)
     if compact_head and _on_cpu(device):
         compact_lm_head(_unwrap(trainer.model))
         if trainer.ref_model is not None: compact_lm_head(trainer.ref_model)

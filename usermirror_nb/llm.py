@@ -11,6 +11,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import numpy as np
+from fastcore.basics import patch_to
 
 from .config import LM_MODEL, SELF, Config, ConfigError, LLMConfig, get_device, record_stage, resolve_dtype, write_json
 
@@ -590,6 +591,8 @@ def _retry_after(resp) -> float | None:
         try: return max(0.0, parsedate_to_datetime(v).timestamp() - time.time())
         except Exception: return None
 
+
+# %% ../nbs/03_llm.ipynb #9b05f48b
 class OpenAILLM(LLM):
     "A model behind an OpenAI-compatible HTTP server (vLLM, llama.cpp server, OpenAI, `serve()`)."
     def __init__(self, cfg: LLMConfig,
@@ -627,97 +630,108 @@ class OpenAILLM(LLM):
         except Exception: m = r.text
         return self._redact(str(m))[:300]
 
-    def post(self, path: str, body: dict) -> dict:
-        "POST `body` to `base_url + path` with retries on 429/5xx/connection errors; the decoded JSON answer."
-        import httpx
-        url, attempt = f"{self.base_url}{path}", 0
-        while True:
-            wait, why = None, ""
-            try: r = self._client.post(url, json=body)
-            except httpx.ConnectError as e:
-                refused = "refused" in str(e).lower() or "errno 111" in str(e).lower()
-                why = ("connection refused" if refused else f"cannot connect ({self._redact(e)})")
-                r = None
-            except httpx.TimeoutException: why, r = f"no answer within timeout_s={self.cfg.timeout_s} s", None
-            except httpx.TransportError as e: why, r = f"transport error ({type(e).__name__}: {self._redact(e)})", None
-            if r is not None:
-                if r.status_code < 300:
-                    try: return r.json()
-                    except ValueError: self._fail(LLMError, f"{url}: the server answered HTTP {r.status_code} with a body that is not JSON: {self._redact(r.text[:200])!r}")
-                msg = self._server_message(r)
-                if r.status_code in (401, 403):
-                    hint = f"check the variable {self.cfg.api_key_env}" if self.cfg.api_key_env else "the server wants a key: set api_key_env to the NAME of the variable that holds it"
-                    self._fail(LLMAuthError, f"authentication failed at {url} (HTTP {r.status_code}): {hint}. Server said: {msg}")
-                if r.status_code == 404:
-                    self._fail(LLMNotFoundError, f"{url}: not found (HTTP 404) for model {self.model!r}: check base_url (usually ends in /v1) "
-                                                 f"and that the server serves this model name (GET {self.base_url}/models). Server said: {msg}")
-                if r.status_code != 429 and r.status_code < 500:
-                    hint = (" (assistant prefill needs vLLM's continue_final_message; OpenAI proper does not support it)"
-                            if body.get("continue_final_message") else "")
-                    self._fail(LLMError, f"{url}: HTTP {r.status_code} for model {self.model!r}{hint}. Server said: {msg}")
-                why, wait = f"HTTP {r.status_code} ({msg[:120]})", _retry_after(r)
-            if attempt >= self.cfg.max_retries:
-                if why == "connection refused":
-                    self._fail(LLMConnectionError, f"connection refused: nothing is listening at {self.base_url} ({attempt + 1} attempts). "
-                                                   "Start the server first (e.g. `vllm serve MODEL --port 8000`, llama.cpp `llama-server`, "
-                                                   "or `usermirror_nb.server.serve(llm)`) or fix base_url.")
-                cls = LLMConnectionError if r is None else LLMError
-                self._fail(cls, f"{url}: {why}; giving up after {attempt + 1} attempts (max_retries={self.cfg.max_retries})")
-            delay = min(self.backoff_max, wait if wait is not None else self.backoff_base * 2 ** attempt * random.uniform(0.5, 1.5))
-            with self._lock: self.retries += 1
-            log.warning(f"{self.name}: {url}: {why}; retry {attempt + 1}/{self.cfg.max_retries} in {delay:.2f} s")
-            time.sleep(delay); attempt += 1
-
-    def _map(self, fn, items): return list(self._pool.map(fn, items))
-
-    # -- generation -------------------------------------------------------------------------------------------
-    def _gen_one(self, i, conv, n, sampling, prefix) -> list[str]:
-        texts, seed = [], sampling.seed + i
-        while len(texts) < n:
-            body = dict(model=self.model, n=n - len(texts), temperature=sampling.temperature, top_p=sampling.top_p,
-                        max_tokens=sampling.max_new_tokens, seed=seed)
-            if (stop := literal_stop(sampling.stop_regex)) is not None: body["stop"] = [stop]     # the server stops there (a regex stays client-side)
-            if self.template == "plain":
-                body["prompt"] = render_prompt(None, conv, prefix, "plain")
-                choices = self.post("/completions", body).get("choices") or []
-                got = [c.get("text") or "" for c in sorted(choices, key=lambda c: c.get("index", 0))]
-            else:
-                body["messages"] = list(conv) + ([{"role": "assistant", "content": prefix}] if prefix else [])
-                if prefix: body.update(continue_final_message=True, add_generation_prompt=False)
-                choices = self.post("/chat/completions", body).get("choices") or []
-                got = [(c.get("message") or {}).get("content") or "" for c in sorted(choices, key=lambda c: c.get("index", 0))]
-            if not got: self._fail(LLMError, f"{self.base_url}: the server returned no choices for conversation {i}")
-            texts += got[:n - len(texts)]; seed += 1000003
-        return [_cut(t, sampling.stop_regex) for t in texts]
-
-    def generate(self, conversations, n=1, sampling=Sampling(), assistant_prefix=""):
-        for i, c in enumerate(conversations): _check_conversation(c, i)
-        return self._map(lambda a: self._gen_one(a[0], a[1], n, sampling, assistant_prefix), list(enumerate(conversations)))
-
-    # -- letter probabilities -----------------------------------------------------------------------------------
-    def _top_one(self, conv, cont) -> list[tuple[str, float]]:
-        body = dict(model=self.model, max_tokens=1, temperature=1.0, seed=0)
-        if self.template == "plain":
-            body.update(prompt=render_prompt(None, conv, cont, "plain"), logprobs=self.cfg.top_logprobs)
-            lp = (self.post("/completions", body)["choices"][0].get("logprobs") or {}).get("top_logprobs") or [{}]
-            return sorted(lp[0].items(), key=lambda t: -t[1])
-        body.update(messages=list(conv) + [{"role": "assistant", "content": cont}], continue_final_message=True,
-                    add_generation_prompt=False, logprobs=True, top_logprobs=self.cfg.top_logprobs)
-        content = (self.post("/chat/completions", body)["choices"][0].get("logprobs") or {}).get("content") or []
-        if not content: self._fail(LLMError, f"{self.base_url}: the server returned no logprobs (does it support logprobs/top_logprobs?)")
-        return [(t["token"], t["logprob"]) for t in content[0].get("top_logprobs", [])]
-
-    def choice_probs(self, conversations, continuations, k, context: str = BEHAVIOR_CONTEXT):
-        _check_scoring_inputs(conversations, continuations, k, context)
-        jobs = [(i, j, conv, c) for i, (conv, cs) in enumerate(zip(conversations, continuations)) for j, c in enumerate(cs)]
-        tops = self._map(lambda a: self._top_one(a[2], a[3]), jobs)
-        rows = {}
-        for (i, j, _, _), top in zip(jobs, tops): rows.setdefault(i, []).append(_letters_from_top(top, k, i, j))
-        return [ChoiceProbs(np.array([p for p, _ in rows.get(i, [])]).reshape(-1, k), np.array([m for _, m in rows.get(i, [])]))
-                for i in range(len(conversations))]
-
     def close(self):
         self._pool.shutdown(wait=False); self._client.close()
+
+
+# %% ../nbs/03_llm.ipynb #8c58d590
+@patch_to(OpenAILLM)
+def post(self, path: str, body: dict) -> dict:
+    "POST `body` to `base_url + path` with retries on 429/5xx/connection errors; the decoded JSON answer."
+    import httpx
+    url, attempt = f"{self.base_url}{path}", 0
+    while True:
+        wait, why = None, ""
+        try: r = self._client.post(url, json=body)
+        except httpx.ConnectError as e:
+            refused = "refused" in str(e).lower() or "errno 111" in str(e).lower()
+            why = ("connection refused" if refused else f"cannot connect ({self._redact(e)})")
+            r = None
+        except httpx.TimeoutException: why, r = f"no answer within timeout_s={self.cfg.timeout_s} s", None
+        except httpx.TransportError as e: why, r = f"transport error ({type(e).__name__}: {self._redact(e)})", None
+        if r is not None:
+            if r.status_code < 300:
+                try: return r.json()
+                except ValueError: self._fail(LLMError, f"{url}: the server answered HTTP {r.status_code} with a body that is not JSON: {self._redact(r.text[:200])!r}")
+            msg = self._server_message(r)
+            if r.status_code in (401, 403):
+                hint = f"check the variable {self.cfg.api_key_env}" if self.cfg.api_key_env else "the server wants a key: set api_key_env to the NAME of the variable that holds it"
+                self._fail(LLMAuthError, f"authentication failed at {url} (HTTP {r.status_code}): {hint}. Server said: {msg}")
+            if r.status_code == 404:
+                self._fail(LLMNotFoundError, f"{url}: not found (HTTP 404) for model {self.model!r}: check base_url (usually ends in /v1) "
+                                             f"and that the server serves this model name (GET {self.base_url}/models). Server said: {msg}")
+            if r.status_code != 429 and r.status_code < 500:
+                hint = (" (assistant prefill needs vLLM's continue_final_message; OpenAI proper does not support it)"
+                        if body.get("continue_final_message") else "")
+                self._fail(LLMError, f"{url}: HTTP {r.status_code} for model {self.model!r}{hint}. Server said: {msg}")
+            why, wait = f"HTTP {r.status_code} ({msg[:120]})", _retry_after(r)
+        if attempt >= self.cfg.max_retries:
+            if why == "connection refused":
+                self._fail(LLMConnectionError, f"connection refused: nothing is listening at {self.base_url} ({attempt + 1} attempts). "
+                                               "Start the server first (e.g. `vllm serve MODEL --port 8000`, llama.cpp `llama-server`, "
+                                               "or `usermirror_nb.server.serve(llm)`) or fix base_url.")
+            cls = LLMConnectionError if r is None else LLMError
+            self._fail(cls, f"{url}: {why}; giving up after {attempt + 1} attempts (max_retries={self.cfg.max_retries})")
+        delay = min(self.backoff_max, wait if wait is not None else self.backoff_base * 2 ** attempt * random.uniform(0.5, 1.5))
+        with self._lock: self.retries += 1
+        log.warning(f"{self.name}: {url}: {why}; retry {attempt + 1}/{self.cfg.max_retries} in {delay:.2f} s")
+        time.sleep(delay); attempt += 1
+
+@patch_to(OpenAILLM)
+def _map(self, fn, items): return list(self._pool.map(fn, items))
+
+
+# %% ../nbs/03_llm.ipynb #b406d829
+@patch_to(OpenAILLM)
+def _gen_one(self, i, conv, n, sampling, prefix) -> list[str]:
+    texts, seed = [], sampling.seed + i
+    while len(texts) < n:
+        body = dict(model=self.model, n=n - len(texts), temperature=sampling.temperature, top_p=sampling.top_p,
+                    max_tokens=sampling.max_new_tokens, seed=seed)
+        if (stop := literal_stop(sampling.stop_regex)) is not None: body["stop"] = [stop]     # the server stops there (a regex stays client-side)
+        if self.template == "plain":
+            body["prompt"] = render_prompt(None, conv, prefix, "plain")
+            choices = self.post("/completions", body).get("choices") or []
+            got = [c.get("text") or "" for c in sorted(choices, key=lambda c: c.get("index", 0))]
+        else:
+            body["messages"] = list(conv) + ([{"role": "assistant", "content": prefix}] if prefix else [])
+            if prefix: body.update(continue_final_message=True, add_generation_prompt=False)
+            choices = self.post("/chat/completions", body).get("choices") or []
+            got = [(c.get("message") or {}).get("content") or "" for c in sorted(choices, key=lambda c: c.get("index", 0))]
+        if not got: self._fail(LLMError, f"{self.base_url}: the server returned no choices for conversation {i}")
+        texts += got[:n - len(texts)]; seed += 1000003
+    return [_cut(t, sampling.stop_regex) for t in texts]
+
+@patch_to(OpenAILLM)
+def generate(self, conversations, n=1, sampling=Sampling(), assistant_prefix=""):
+    for i, c in enumerate(conversations): _check_conversation(c, i)
+    return self._map(lambda a: self._gen_one(a[0], a[1], n, sampling, assistant_prefix), list(enumerate(conversations)))
+
+
+# %% ../nbs/03_llm.ipynb #aab6518f
+@patch_to(OpenAILLM)
+def _top_one(self, conv, cont) -> list[tuple[str, float]]:
+    body = dict(model=self.model, max_tokens=1, temperature=1.0, seed=0)
+    if self.template == "plain":
+        body.update(prompt=render_prompt(None, conv, cont, "plain"), logprobs=self.cfg.top_logprobs)
+        lp = (self.post("/completions", body)["choices"][0].get("logprobs") or {}).get("top_logprobs") or [{}]
+        return sorted(lp[0].items(), key=lambda t: -t[1])
+    body.update(messages=list(conv) + [{"role": "assistant", "content": cont}], continue_final_message=True,
+                add_generation_prompt=False, logprobs=True, top_logprobs=self.cfg.top_logprobs)
+    content = (self.post("/chat/completions", body)["choices"][0].get("logprobs") or {}).get("content") or []
+    if not content: self._fail(LLMError, f"{self.base_url}: the server returned no logprobs (does it support logprobs/top_logprobs?)")
+    return [(t["token"], t["logprob"]) for t in content[0].get("top_logprobs", [])]
+
+@patch_to(OpenAILLM)
+def choice_probs(self, conversations, continuations, k, context: str = BEHAVIOR_CONTEXT):
+    _check_scoring_inputs(conversations, continuations, k, context)
+    jobs = [(i, j, conv, c) for i, (conv, cs) in enumerate(zip(conversations, continuations)) for j, c in enumerate(cs)]
+    tops = self._map(lambda a: self._top_one(a[2], a[3]), jobs)
+    rows = {}
+    for (i, j, _, _), top in zip(jobs, tops): rows.setdefault(i, []).append(_letters_from_top(top, k, i, j))
+    return [ChoiceProbs(np.array([p for p, _ in rows.get(i, [])]).reshape(-1, k), np.array([m for _, m in rows.get(i, [])]))
+            for i in range(len(conversations))]
+
 
 # %% ../nbs/03_llm.ipynb #a9d66784
 def serve(llm: LLM, *args, **kwargs):
@@ -760,12 +774,15 @@ class VLLMLLM(LLM):
     def choice_probs(self, conversations, continuations, k, context: str = BEHAVIOR_CONTEXT):
         _check_scoring_inputs(conversations, continuations, k, context)
         ids = self.letter_ids(k, context)
-        jobs = [(i, _encode(self.tok, self.prompt(conv) + c)) for i, (conv, cs) in enumerate(zip(conversations, continuations)) for c in cs]
-        prompts = [{"prompt_token_ids": seq + [lid]} for _, seq in jobs for lid in ids]
-        params = self._vllm.SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
-        outs = self.engine.generate(prompts, params, use_tqdm=False)
-        lp = np.array([o.prompt_logprobs[-1][p["prompt_token_ids"][-1]].logprob for o, p in zip(outs, prompts)]).reshape(len(jobs), k)
-        return [_letter_result(lp[[r for r, (i2, _) in enumerate(jobs) if i2 == i]].reshape(-1, k), i, context) for i in range(len(conversations))]
+        jobs = [(i, j, _encode(self.tok, self.prompt(conv) + c)) for i, (conv, cs) in enumerate(zip(conversations, continuations)) for j, c in enumerate(cs)]
+        params = self._vllm.SamplingParams(max_tokens=1, temperature=1.0, logprobs=self.cfg.top_logprobs, seed=0)
+        outs = self.engine.generate([{"prompt_token_ids": seq} for _, _, seq in jobs], params, use_tqdm=False)
+        rows = {}
+        for (i, j, _), o in zip(jobs, outs):      # the next token's top-logprobs, keyed by token id: letters by id, not by decoded text
+            top = [(LETTERS[ids.index(t)] if t in ids else "\x00", lp.logprob) for t, lp in o.outputs[0].logprobs[0].items()]
+            rows.setdefault(i, []).append(_letters_from_top(top, k, i, j))
+        return [ChoiceProbs(np.array([p for p, _ in rows.get(i, [])]).reshape(-1, k), np.array([m for _, m in rows.get(i, [])]))
+                for i in range(len(conversations))]
 
     def close(self):
         "Shut the engine down (its workers and KV cache) and hand the GPU memory back before another backend loads."

@@ -18,7 +18,7 @@ from .scenes import LETTERS, letters, load_scenes
 __all__ = ['SYSTEM_PROMPT', 'EKB_INSTRUCTIONS', 'ASSISTANT_PREFIX', 'STOP_REGEX', 'STAGE_NAMES', 'STYLES', 'FAILURE_KINDS',
            'ECHO_MARKERS', 'rationale_conversation', 'answer_forms', 'parse_rationale', 'read_jsonl', 'append_jsonl',
            'rationale_key', 'reparse', 'write_rationales', 'generate_rationales', 'failure_counts', 'grounding',
-           'select_scenes', 'role_config', 'run_rationales', 'load_rationales']
+           'sample_per_domain', 'select_scenes', 'role_config', 'run_rationales', 'load_rationales']
 
 # %% ../nbs/04_rationales.ipynb #8b20c687
 SYSTEM_PROMPT = ("You simulate a real user of a recommender system. You read who the user is, what they "
@@ -118,6 +118,7 @@ def reparse(r: dict) -> dict:
     p = parse_rationale(r["text"], int(r["choice_cnt"]), truncated=bool(tr), needs_behavior=not r.get("staged", False))
     return {**r, **p, "truncated": bool(tr), "stated_hit": p["behavior"] == r["gt_letter"]}
 
+# %% ../nbs/04_rationales.ipynb #9914cdaa
 def _continue(llm, convs: list, prefixes: list[str], sampling) -> list[str]:
     "One continuation per (conversation, assistant prefix) pair: batched rendered prompts where the backend takes them, else one call each."
     if hasattr(llm, "generate_prompts") and hasattr(llm, "prompt"):
@@ -156,6 +157,8 @@ def write_rationales(llm, convs: list, n: int, sampling,
     pairs = list(zip(texts, cut))
     return [pairs[i * n:(i + 1) * n] for i in range(len(convs))]
 
+
+# %% ../nbs/04_rationales.ipynb #db2ebb9f
 def generate_rationales(llm, scenes: list[dict], role: str, out_file: str | Path, n: int, sampling,
                         batch_scenes: int = 4, seed: int = 0, progress: bool = True,
                         staged: bool = True, field_tokens: int = 32) -> list[dict]:
@@ -180,6 +183,7 @@ def generate_rationales(llm, scenes: list[dict], role: str, out_file: str | Path
                                      "truncated": bool(cut), "staged": bool(staged)}))
         append_jsonl(out_file, recs)
     return current()
+
 
 # %% ../nbs/04_rationales.ipynb #9e9e8bc0
 def failure_counts(records: list[dict]) -> dict:
@@ -220,14 +224,14 @@ def grounding(records: list[dict],  # stage-04 records (role, scene_id, text)
     return out
 
 # %% ../nbs/04_rationales.ipynb #4b3c7470
+def sample_per_domain(scenes: pd.DataFrame, n: int, seed: int) -> list[dict]:
+    "A seeded sample of `n` scenes per domain (0 or more than there are = all), ordered by scene_id."
+    parts = [g if not n or n >= len(g) else g.sample(n=n, random_state=seed) for _, g in scenes.groupby("domain", sort=True)]
+    return pd.concat(parts).sort_values("scene_id").to_dict("records")
+
 def select_scenes(cfg: Config) -> list[dict]:
     "The seeded sample of training scenes that get rationales (`scenes_per_domain` per domain; 0 = all)."
-    ds = load_scenes(cfg, "train").to_pandas()
-    n = cfg.rationales.scenes_per_domain
-    parts = []
-    for d, g in ds.groupby("domain", sort=True):
-        parts.append(g if not n or n >= len(g) else g.sample(n=n, random_state=cfg.seed))
-    return pd.concat(parts).sort_values("scene_id").to_dict("records")
+    return sample_per_domain(load_scenes(cfg, "train").to_pandas(), cfg.rationales.scenes_per_domain, cfg.seed)
 
 def role_config(cfg: Config, role: str) -> LLMConfig:
     "The LLMConfig of `role` with `model: lm` resolved to the domain-trained student's folder (trained now if it is not there yet)."
@@ -236,6 +240,7 @@ def role_config(cfg: Config, role: str) -> LLMConfig:
     from usermirror_nb.finetune import ensure_lm
     return dataclasses.replace(mcfg, model=str(ensure_lm(cfg)))
 
+# %% ../nbs/04_rationales.ipynb #0eb5840e
 def run_rationales(cfg: Config) -> Path:
     "Stage 04: teacher and student rationales for the selected training scenes (resumable)."
     from usermirror_nb.llm import Sampling, make_llm
@@ -275,3 +280,4 @@ def load_rationales(path) -> pd.DataFrame:
     if path.is_dir(): path = path / "rationales.parquet"
     if not path.exists(): raise FileNotFoundError(f"{path} does not exist: run the rationales stage (04_rationales) first")
     return pd.read_parquet(path)
+

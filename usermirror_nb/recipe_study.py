@@ -16,7 +16,7 @@ from .finetune import LINEAR_MODULES
 # %% auto #0
 __all__ = ['STUDY_VARIANTS', 'cache_hidden', 'cached_eval', 'train_cached', 'plot_study', 'run_recipe_study']
 
-# %% ../nbs/07b_recipe_study.ipynb #c5347f89
+# %% ../nbs/07b_recipe_study.ipynb #5314c360
 STUDY_VARIANTS = {
     "evidence_lora_lr1e-3_letter": dict(style="evidence"),
     "evidence_full_lr1e-4_letter": dict(style="evidence", kind="full", lr=1e-4, steps=120),
@@ -37,6 +37,7 @@ def _study_encode(tok, row: dict, style: str, with_answer: bool, letter_ids: lis
     if with_answer: ids = ids + [letter_ids[int(row["gt_pos"])]] + tok("]<|im_end|>", add_special_tokens=False).input_ids
     return ids, pos
 
+# %% ../nbs/07b_recipe_study.ipynb #2164b598
 def cache_hidden(model, tok, scenes: pd.DataFrame, style: str, freeze: int, with_answer: bool, batch_size: int = 8) -> dict:
     "Hidden states after the bottom `freeze` layers for every scene (bf16), with ids, letter positions, gt and domain."
     import torch
@@ -56,6 +57,7 @@ def cache_hidden(model, tok, scenes: pd.DataFrame, style: str, freeze: int, with
     return dict(h=H, ids=[torch.tensor(x) for x, _ in enc], pos=[p for _, p in enc], gt=[int(r["gt_pos"]) for r in rows],
                 domain=[r["domain"] for r in rows], letter_ids=lid, freeze=freeze)
 
+# %% ../nbs/07b_recipe_study.ipynb #2ec5467b
 def _top_model(model, freeze: int, kind: str, r: int, n_layers: int):
     "A copy whose decoder stack is layers `freeze`..end; only its last `n_layers` train (LoRA or every weight)."
     import torch
@@ -72,7 +74,7 @@ def _top_model(model, freeze: int, kind: str, r: int, n_layers: int):
             for p in l.parameters(): p.requires_grad_(True)
     return m
 
-
+# %% ../nbs/07b_recipe_study.ipynb #7a95d70d
 def _cached_batch(c: dict, idx: list):
     import torch
     L = max(len(c["h"][i]) for i in idx)
@@ -102,6 +104,7 @@ def cached_eval(m, c: dict, batch_size: int = 16) -> dict:
     res.update({f"argmax_{d}": float(hit[dom == d].mean()) for d in np.unique(dom)})
     return res
 
+# %% ../nbs/07b_recipe_study.ipynb #847a1b06
 def train_cached(model, c_tr: dict, c_ev: dict, kind: str = "lora", lr: float = 1e-3, steps: int = 60, batch_size: int = 8,
                  loss_on: str = "letter", n_data: int | None = None, r: int = 16, n_layers: int = 4, eval_every: int = 20,
                  seed: int = 0) -> dict:
