@@ -13,10 +13,10 @@ import pandas as pd
 from .config import Config, STAGES, load_config, package_versions, record_stage, write_json, atomic_path
 
 # %% auto #0
-__all__ = ['BASELINE_NAMES', 'FIGURE_CAPTIONS', 'REPORT_SECTIONS', 'pct', 'ci', 'num', 'md_table', 'load_artifacts', 'model_kind',
-           'all_metrics', 'metric_table', 'headline', 'accuracy_figure', 'git_state', 'role_strength', 'rationale_rows',
-           'paired_rows', 'readout_rows', 'hybrid_rows', 'figure', 'data_behind', 'report_context', 'build_report',
-           'run_report']
+__all__ = ['BASELINE_NAMES', 'FIGURE_CAPTIONS', 'STUDIES', 'REPORT_SECTIONS', 'pct', 'ci', 'num', 'md_table', 'load_artifacts',
+           'model_kind', 'all_metrics', 'metric_table', 'headline', 'accuracy_figure', 'git_state', 'role_strength',
+           'rationale_rows', 'paired_rows', 'readout_rows', 'hybrid_rows', 'figure', 'data_behind', 'report_context',
+           'fidelity_figure', 'build_report', 'run_report']
 
 # %% ../nbs/10_report.ipynb #92653f68
 def pct(v) -> str:
@@ -61,6 +61,7 @@ def load_artifacts(results_dir: str | Path) -> dict:
                 models=_json(r / "finetune" / "models.json"), evaluate=ev, baselines=bl,
                 difficulty=_parquet(r / "baselines" / "difficulty.parquet"), hybrid=_json(r / "baselines" / "hybrid.json"),
                 evaluate_summary=_json(r / "evaluate" / "summary.json"), baselines_summary=_json(r / "baselines" / "summary.json"),
+                policy_study=_json(r.parent / "policy_study" / "summary.json"), augment_study=_json(r.parent / "augment_study" / "summary.json"),
                 predictions=pd.concat([p for p in (_parquet(r / "evaluate" / "predictions.parquet"), _parquet(r / "baselines" / "predictions.parquet"))
                                        if p is not None and len(p)] or [pd.DataFrame()], ignore_index=True))
 
@@ -328,6 +329,9 @@ FIGURE_CAPTIONS = {
     "uncertainty_hist.png": "Stage 05's uncertainties per training scene, teacher and student rationales; distillation keeps the scenes "
                             "where the student is most uncertain relative to the teacher (right panel, largest values).",
     "loss": "Training loss per optimizer step of `{name}`; a curve still falling at its last step means more steps would help.",
+    "fidelity.png": "One panel per simulator; each point is a recommender: its mean simulated clicks per episode (x) against its "
+                    "Recall@10 by replay of the same users' real interactions (y). A simulator that ranks recommenders as real "
+                    "users do puts the points in the same order on both axes (Kendall's τ in the table above).",
 }
 
 def figure(file: str, alt: str, name: str = "") -> str:
@@ -563,6 +567,47 @@ def _data_sections(art: dict, cfg: Config, ctx: dict, numbers: dict) -> list[str
         out.append(_section("Rationales: parsed, and teacher vs student", body + "\n\n" + figure("uncertainty_hist.png", "uncertainty")))
     return out
 
+# %% ../nbs/10_report.ipynb #faf00274
+STUDIES = {"policy_study": ("Recommenders in the loop: simulated reward and fidelity", "make policy-study", "12_policies"),
+           "augment_study": ("Augmentation: simulator-labelled choices in SASRec's training data", "make augment-study", "13_augment")}
+
+def _demote(md: str) -> str:
+    "A study's REPORT.md as the body of one section: its `# ` title dropped, its `## ` headings one level down."
+    lines = md.strip().splitlines()
+    if lines and lines[0].startswith("# "): lines = lines[1:]
+    return "\n".join("#" + l if l.startswith("## ") else l for l in lines).strip()
+
+def fidelity_figure(s: dict, path: str | Path) -> Path:
+    "Per simulator: each recommender's mean simulated reward against its replayed Recall@10 (the policy study's summary)."
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    sims = sorted({r["simulator"] for r in s["simulated"]})
+    recall = {r["recommender"]: r["recall"] for r in s["offline"]}
+    fig, axes = plt.subplots(1, len(sims), figsize=(4 * len(sims), 3.4), squeeze=False)
+    for ax, sim in zip(axes[0], sims):
+        rows = [r for r in s["simulated"] if r["simulator"] == sim]
+        ax.scatter([r["reward"] for r in rows], [recall[r["recommender"]] for r in rows])
+        for r in rows: ax.annotate(r["recommender"], (r["reward"], recall[r["recommender"]]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        tau = s["agreement"][sim]["recall"]["tau"]
+        ax.set_title(f"simulator {sim}: Kendall τ {tau:.2f}", fontsize=9); ax.set_xlabel("simulated clicks / episode"); ax.set_ylabel("replayed Recall@10")
+    fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
+    return Path(path)
+
+def _study_sections(art: dict, cfg: Config, ctx: dict, numbers: dict) -> list[str]:
+    "The policy and augmentation studies, from their own summary.json (run separately: `make policy-study`, `make augment-study`)."
+    from usermirror_nb.augment import augment_report
+    from usermirror_nb.policies import policy_report
+    out = []
+    for key, render in (("policy_study", policy_report), ("augment_study", augment_report)):
+        s = art.get(key)
+        if not s: continue
+        title, cmd, nb = STUDIES[key]
+        numbers[key] = {k: v for k, v in s.items() if k != "per_user"}
+        fig = ("\n\n" + figure("fidelity.png", "fidelity")) if key == "policy_study" else ""
+        out.append(_section(title, f"Run separately from this profile's stages: `{cmd}` ({nb}) wrote `results/{key}/summary.json`, "
+                            "shown here as it is.\n\n" + _demote(render(s)) + fig))
+    return out
+
 # %% ../nbs/10_report.ipynb #7c8184ee
 def _run_sections(art: dict, cfg: Config, ctx: dict, numbers: dict) -> list[str]:
     "Wall time per stage and provenance (git, packages, config hash, asset sha256 and licences)."
@@ -583,7 +628,7 @@ def _run_sections(art: dict, cfg: Config, ctx: dict, numbers: dict) -> list[str]
     return out
 
 # %% ../nbs/10_report.ipynb #614bc839
-REPORT_SECTIONS = (_intro_sections, _result_sections, _model_sections, _diagnostic_sections, _data_sections, _run_sections)
+REPORT_SECTIONS = (_intro_sections, _result_sections, _model_sections, _diagnostic_sections, _data_sections, _study_sections, _run_sections)
 
 def build_report(art: dict, cfg: Config) -> tuple[str, dict]:
     "REPORT.md text and the numbers it shows (`report.json`): the sections of `REPORT_SECTIONS` in order."
@@ -611,6 +656,7 @@ def run_report(cfg: Config) -> Path:
     if len(m): accuracy_figure(m, fig_dir / "accuracy.png", k=cfg.scenes.k)
     for src, dst in _FIGURES.items():
         if (r / src).exists(): shutil.copyfile(r / src, fig_dir / dst)
+    if art.get("policy_study"): fidelity_figure(art["policy_study"], fig_dir / "fidelity.png")
     for x in (art.get("models") or {}).get("models", []):
         lp = r / "finetune" / x.get("path", x["name"]) / "loss.png"
         if lp.exists(): shutil.copyfile(lp, fig_dir / f"loss_{x['name']}.png")
