@@ -142,7 +142,7 @@ class LLMConfig:
     model: str = "smollm2-135m-instruct"  # registry name, local folder, HF id, or the served model name
     template: str = "auto"             # auto | chat (tokenizer's chat template) | plain (completion format for base models)
     device: str = "auto"               # auto | cpu | cuda
-    dtype: str = "auto"                # auto (resolve_dtype: bf16 on GPUs that have it, else fp16; bf16 on CPUs with native bf16, else fp32) | float32 | bfloat16 | float16
+    dtype: str = "float32"             # float32 (default: the same numbers on every CPU; the profiles set auto) | auto (resolve_dtype: bf16 on GPUs that have it, else fp16; bf16 on CPUs with native bf16, else fp32) | bfloat16 | float16
     batch_size: int = 16               # sequences per forward/generate call
     base_url: str = ""                 # openai backend: e.g. http://127.0.0.1:8000/v1
     api_key_env: str = ""              # openai backend: NAME of the environment variable holding the key

@@ -17,8 +17,8 @@ from .scenes import Domain, n_earlier
 
 # %% auto #0
 __all__ = ['Recommender', 'top_k_allowed', 'CatalogueRecommender', 'run_episodes', 'summarise', 'item_factors', 'blend_scores',
-           'blend_slates', 'taste_features', 'BlendEnv', 'train_ppo', 'PolicyRecommender', 'offline_metrics',
-           'rank_agreement', 'run_policy_study', 'policy_report']
+           'blend_slates', 'taste_features', 'BlendEnv', 'train_ppo', 'PolicyRecommender', 'gini', 'distribution_row',
+           'offline_metrics', 'rank_agreement', 'run_policy_study', 'policy_report']
 
 # %% ../nbs/12_policies.ipynb #a2dfed80
 class Recommender:
@@ -49,7 +49,7 @@ class CatalogueRecommender(Recommender):
 
 # %% ../nbs/12_policies.ipynb #5a02b96d
 def run_episodes(env: RecSimEnv, rec: Recommender, users, seed: int = 0) -> list[dict]:
-    "One episode per user of `users` (seed `seed + i`) with `rec` choosing every slate: user, steps, clicks, reward."
+    "One episode per user of `users` (seed `seed + i`) with `rec` choosing every slate: user, start, steps, clicks, reward, the clicked items and their ratings."
     env = env.unwrapped
     rng, out = np.random.default_rng(seed), []
     for i, u in enumerate(users):
@@ -58,7 +58,9 @@ def run_episodes(env: RecSimEnv, rec: Recommender, users, seed: int = 0) -> list
         while not done:
             _, r, term, trunc, _ = env.step(rec.recommend(env.dom, [env.state], env.k, rng)[0])
             total += r; done = term or trunc
-        out.append(dict(user=int(u), steps=env.state.steps, clicks=env.state.clicks, reward=total))
+        s = env.state
+        out.append(dict(user=int(u), start=s.start, steps=s.steps, clicks=s.clicks, reward=total,
+                        items=[int(i) for i in s.items[s.start:]], ratings=[float(r) for r in s.feedback[s.start:]]))
     return out
 
 def _boot_mean(x: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float]:
@@ -135,6 +137,42 @@ class PolicyRecommender(Recommender):
     def catalogue_scores(self, dom, states, rng):
         return blend_scores(self.recs, self.weights(states), dom, states, rng)
 
+# %% ../nbs/12_policies.ipynb #7eab22a7
+def gini(counts) -> float:
+    "Gini coefficient of a count vector: 0 when every entry is equal, near 1 when one entry holds everything (NaN for no counts)."
+    x = np.sort(np.asarray(counts, float)); n = len(x)
+    if n == 0 or x.sum() <= 0: return float("nan")
+    return float((2 * np.arange(1, n + 1) - n - 1) @ x / (n * x.sum()))
+
+def _tvd(p: np.ndarray, q: np.ndarray) -> float:
+    return float(0.5 * np.abs(p - q).sum())
+
+def distribution_row(dom: Domain, genres: list, episodes: list[dict], budget: int, gap_s: float = 1800.0) -> dict:
+    "Simulated clicks of `episodes` against the same users' real next interactions: popularity Gini, genre mix, ratings, session length."
+    real_items, real_fb, real_len = [], [], []
+    for e in episodes:
+        a = int(dom.ptr[e["user"]]) + e["start"]; b = min(int(dom.ptr[e["user"] + 1]), a + budget)
+        real_items += dom.items[a:b].tolist(); real_fb += dom.feedback[a:b].astype(float).tolist()
+        t = dom.time[a:b]
+        real_len.append(int(1 + np.argmax(np.append(np.diff(t) > gap_s, True))) if b > a else 0)   # up to the first gap over 30 min
+    sim_items = [i for e in episodes for i in e["items"]]
+    names = sorted({g for gs in genres for g in gs})
+    def mix(items):
+        c = np.zeros(len(names))
+        for i in items:
+            for g in genres[i]: c[names.index(g)] += 1
+        return c / max(c.sum(), 1.0)
+    def hist(r):
+        h = np.bincount(np.clip(np.rint(np.asarray(r, float)), 1, 5).astype(int), minlength=6)[1:] if len(r) else np.zeros(5)
+        return h / max(h.sum(), 1.0)
+    sim_r = [r for e in episodes for r in e["ratings"]]
+    return dict(clicks=len(sim_items), real_interactions=len(real_items),
+                gini_sim=gini(np.bincount(sim_items, minlength=dom.n_items)), gini_real=gini(np.bincount(real_items, minlength=dom.n_items)),
+                genre_tvd=_tvd(mix(sim_items), mix(real_items)) if names else float("nan"),
+                rating_sim=float(np.mean(sim_r)) if sim_r else float("nan"), rating_real=float(np.mean(real_fb)) if real_fb else float("nan"),
+                rating_tvd=_tvd(hist(sim_r), hist(real_fb)),
+                length_sim=float(np.mean([e["steps"] for e in episodes])), length_real=float(np.mean(real_len)))
+
 # %% ../nbs/12_policies.ipynb #855e91c4
 def offline_metrics(rec: Recommender, dom: Domain, users, k: int = 10, per_user: int = 5, min_history: int = 3,
                     seed: int = 0) -> dict:
@@ -180,6 +218,7 @@ def run_policy_study(cfg, domain: str = "movielens", users: int = 150, ppo_steps
     "Recommenders (random, popularity, item-kNN, SASRec, PPO) × simulators: simulated reward, offline replay metrics, Kendall τ."
     import json, time
     from pathlib import Path
+    import pandas as pd
     from usermirror_nb.assets import load_raw
     from usermirror_nb.baselines import fit_domain
     from usermirror_nb.config import write_json
@@ -209,11 +248,14 @@ def run_policy_study(cfg, domain: str = "movielens", users: int = 150, ppo_steps
     recs = {**base, "ppo": PolicyRecommender(ppo, blend, factors, budget)}
     eval_users = np.random.default_rng(cfg.seed + 1).permutation(np.flatnonzero(held & (np.diff(dom.ptr) >= 3)))[:users]
     offline = {n: offline_metrics(r, dom, eval_users, k=10, seed=cfg.seed) for n, r in recs.items()}
-    rows, agree = [], {}
+    rows, agree, dists = [], {}, []
+    by_id = dict(zip(raw.items["item_id"].astype(str), raw.items.get("genres", pd.Series([""] * len(raw.items))).fillna("").astype(str)))
+    genres = [[g for g in by_id.get(str(i), "").split("|") if g] for i in dom.item_ids]
     for sname, sim in sims.items():
         env = RecSimEnv(dom, sim, users=eval_users, **env_kw)
         episodes = {n: run_episodes(env, r, eval_users, seed=cfg.seed) for n, r in recs.items()}
         rows += [{"simulator": sname, "recommender": n, **summarise(e, n_boot, cfg.seed)} for n, e in episodes.items()]
+        dists += [{"simulator": sname, "recommender": n, **distribution_row(dom, genres, e, budget)} for n, e in episodes.items()]
         reward = {n: np.array([x["reward"] for x in e]) for n, e in episodes.items()}
         agree[sname] = {m: rank_agreement(reward, {n: offline[n][m] for n in recs}, n_boot, cfg.seed) for m in ("recall", "ndcg")}
     off_rows = [{"recommender": n, **{f"{m}{s_}": x for m, v in o.items() for s_, x in zip(("", "_lo", "_hi"), _boot_mean(v[np.isfinite(v)], n_boot, cfg.seed))},
@@ -222,7 +264,7 @@ def run_policy_study(cfg, domain: str = "movielens", users: int = 150, ppo_steps
     summary = {"domain": domain, "users": len(eval_users), "k": k, "budget": budget, "betas": betas, "outside": outside, "ppo_steps": ppo_steps,
                "ppo_seconds": round(ppo_seconds, 1), "ppo_weights_mean": dict(zip(("popularity", "item_knn", "sasrec"),
                                                                                    recs["ppo"].weights(last).mean(0).round(3).tolist())),
-               "simulated": rows, "offline": off_rows, "agreement": agree, "seconds": round(time.time() - t0, 1)}
+               "simulated": rows, "offline": off_rows, "agreement": agree, "distributions": dists, "seconds": round(time.time() - t0, 1)}
     out = Path(out_dir) if out_dir else cfg.results_dir.parent / "policy_study"
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "summary.json", summary)
@@ -254,4 +296,15 @@ def policy_report(s: dict) -> str:
               "(τ = 1: the same order; with 5 recommenders one swapped pair moves τ by 0.2).", "",
               "| simulator | τ vs Recall@10 | τ vs NDCG@10 |", "|---|---|---|"]
     lines += [f"| {m} | {c(s['agreement'][m]['recall'], 'tau')} | {c(s['agreement'][m]['ndcg'], 'tau')} |" for m in sims]
+    if s.get("distributions"):
+        lines += ["", "## Simulated against real: what the users took", "",
+                  "Each simulator's clicks against the same users' real next interactions after the same start (at most "
+                  f"{s['budget']}): item-popularity Gini over the catalogue (higher = more concentrated; fewer items raise it), "
+                  "total variation distance of the genre mix and of the 1–5 rating histogram (0 = the same, 1 = disjoint), mean rating, "
+                  "and session length (simulated steps; real interactions within 30 minutes of each other, capped at the budget).", "",
+                  "| simulator | recommender | clicks / real | Gini sim / real | genre TVD | rating sim / real | rating TVD | session sim / real |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {d['simulator']} | {d['recommender']} | {d['clicks']} / {d['real_interactions']} | {d['gini_sim']:.3f} / {d['gini_real']:.3f} | "
+                  f"{d['genre_tvd']:.3f} | {d['rating_sim']:.2f} / {d['rating_real']:.2f} | {d['rating_tvd']:.3f} | {d['length_sim']:.2f} / {d['length_real']:.2f} |"
+                  for d in s["distributions"]]
     return "\n".join(lines) + "\n"
