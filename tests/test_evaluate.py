@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from usermirror_nb.config import EvaluateConfig, config_from_dict
+from usermirror_nb.config import EvaluateConfig, LLMConfig, config_from_dict
 from usermirror_nb.evaluate import (PRED_COLUMNS, PredictionsError, Simulator, accuracy_sampled, acc_by_position, argmax_accuracy,
                                     argmax_hits, bootstrap_ci, ece, eval_plan, letter_hist, load_model, metrics_table, nll,
                                     read_model_card, reliability_bins, run_evaluate, sampled_hits, SimSpec, thought_subset,
@@ -184,9 +184,12 @@ def adapter_dir(tmp_path_factory):
     return d
 
 
+F32 = LLMConfig(dtype="float32")   # exactness below is about the code, not the precision (`auto` is bf16 on a CPU with native bf16)
+
+
 @pytest.fixture(scope="module")
 def base_sim():
-    return Simulator.load(STUDENT)
+    return Simulator.load(STUDENT, llm_cfg=F32)
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +203,7 @@ def test_adapter_loads_merged_and_matches_peft(adapter_dir, base_probs):
     from peft import PeftModel
     from usermirror_nb.assets import load_causal_lm
     assert read_model_card(adapter_dir)["kind"] == "adapter"
-    sim = Simulator.load(adapter_dir)
+    sim = Simulator.load(adapter_dir, llm_cfg=F32)
     assert sim.name == "sft" and sim.card["base_model"] == STUDENT and sim.llm.template == "chat"
     got = np.stack(sim.direct(_scenes_df(n=2))["probs"])
     assert got.shape == (2, 5) and np.allclose(got.sum(1), 1) and np.abs(got - base_probs).max() > 1e-3                 # the adapter changes the answer
@@ -221,7 +224,7 @@ def test_full_folder_and_bad_folders(tmp_path, base_probs):
     d = tmp_path / "full"
     m.save_pretrained(str(d), safe_serialization=True); tok.save_pretrained(str(d))
     (d / "usermirror.json").write_text(json.dumps({"name": "sft_full", "base_model": STUDENT, "kind": "full", "run": "sft"}))
-    sim = Simulator.load(d)
+    sim = Simulator.load(d, llm_cfg=F32)
     assert sim.name == "sft_full"
     assert np.allclose(np.stack(sim.direct(_scenes_df(n=2))["probs"]), base_probs, atol=1e-5)
     (tmp_path / "empty").mkdir()

@@ -478,6 +478,24 @@ def test_qlora_dpo_keeps_the_adapter_fp32_and_moves_it_at_dpo_lr(tmp_path, tok):
             ks = [k for k in before if part in k]
             moved = sum(int((after[k] != before[k].float()).sum()) for k in ks) / sum(before[k].numel() for k in ks)
             assert moved > 0.99, (smoothed, part, moved)           # bf16 weights: 3% of lora_A moved
+    # #11.11: a QLoRA adapter is evaluated and merged on the base it was trained against, the nf4 weights dequantized, not on
+    # the unquantised base (which differs from them by the quantisation error)
+    from peft import PeftModel
+    from usermirror_nb.evaluate import load_model
+    from usermirror_nb.finetune import load_student, merge_adapter
+    ids = tok("Scene 9: [A] a [B] b [C] c [D] d", return_tensors="pt").input_ids
+    logits = lambda m: m(input_ids=ids).logits[0].float()
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):     # the function as trained: nf4 weights, bf16 compute, fp32 adapter
+            trained = logits(PeftModel.from_pretrained(load_student(str(base), "qlora", device="cpu"), str(tmp_path / "sft")).eval())
+        merged = logits(load_model(tmp_path / "sft", merge=True)[0])
+        unmerged = logits(load_model(tmp_path / "sft", merge=False)[0])
+        plain = logits(PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), str(tmp_path / "sft")).merge_and_unload().eval())
+        on_disk = logits(LlamaForCausalLM.from_pretrained(merge_adapter(str(base), tmp_path / "sft", tmp_path / "merged", method="qlora")))
+    err = lambda x: float((x - trained).abs().max())
+    print(f"max logit error vs the trained nf4 function: merged {err(merged):.4f}, unmerged {err(unmerged):.4f}, on disk {err(on_disk):.4f}, unquantised base {err(plain):.4f}")
+    assert err(merged) < 0.2 * err(plain), (err(merged), err(plain))       # bf16 compute noise vs the quantisation error
+    assert err(unmerged) < 0.2 * err(plain) and err(on_disk) < 0.2 * err(plain)
 
 
 @pytest.mark.gpu

@@ -41,7 +41,7 @@ CONTS = [  # five assistant turns of different lengths, each ending with the let
 
 @pytest.fixture(scope="module")
 def smol():
-    llm = TransformersLLM(LLMConfig(model="smollm2-135m-instruct", batch_size=2))   # loaded from the assets cache
+    llm = TransformersLLM(LLMConfig(model="smollm2-135m-instruct", dtype="float32", batch_size=2))   # loaded from the assets cache
     yield llm
     llm.close()
 

@@ -31,7 +31,7 @@ def cfg(base_url, **kw):
 
 @pytest.fixture(scope="module")
 def local():
-    llm = TransformersLLM(LLMConfig(model="smollm2-135m-instruct", batch_size=4))
+    llm = TransformersLLM(LLMConfig(model="smollm2-135m-instruct", dtype="float32", batch_size=4))   # exact comparisons: fp32 (auto is bf16 on a bf16 CPU)
     srv, url = serve(llm, model_name="smollm2")
     yield llm, url
     srv.shutdown(); srv.server_close(); llm.close()

@@ -186,14 +186,16 @@ def pin_template_date(tokenizer):
 def load_causal_lm(name_or_path: str | Path,        # registry name, local folder or HF id
                    cache_dir=None,                   # cache root; None = `default_cache_dir()`
                    dtype: torch.dtype = torch.float32,
-                   device: str = "cpu"):
+                   device: str = "cpu",
+                   **model_args):                    # from_pretrained keywords as they are; with `device_map` the model is placed by it, not moved to `device`
     "`(model, tokenizer)` for a causal LM, from the cache folder (converted once) or as given."
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = model_path(name_or_path, cache_dir)
     t0 = time.time()
-    kw = {"use_safetensors": True}          # weights only from safetensors, never pickles; never trust_remote_code
+    kw = {**model_args, "use_safetensors": True}   # weights only from safetensors, never pickles; never trust_remote_code
     if isinstance(path, Path): kw["local_files_only"] = True
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+    model = (model if "device_map" in model_args else model.to(device)).eval()
     tok = pin_template_date(AutoTokenizer.from_pretrained(path, **({"local_files_only": True} if isinstance(path, Path) else {})))
     if tok.pad_token is None: tok.pad_token = tok.eos_token
     print(f"loaded {name_or_path} from {path} in {time.time() - t0:.2f} s")

@@ -127,6 +127,8 @@ class ScenesConfig:
 LLM_BACKENDS = ("transformers", "openai", "vllm")
 ROLES = ("teacher", "student", "predictor")
 _ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_REFUSED_ARGS = {"trust_remote_code", "use_safetensors", "dtype", "torch_dtype"}   # ours to set (dtype has its own field)
 
 def env_name_ok(name: str) -> bool:
     "Whether `name` looks like an environment variable's NAME, not a key: upper case, digits and _, <= 64 characters, < 8 digits."
@@ -141,8 +143,8 @@ class LLMConfig:
     backend: str = "transformers"      # transformers (local, CPU/CUDA) | openai (OpenAI-compatible HTTP: vLLM, llama.cpp, OpenAI) | vllm (in-process)
     model: str = "smollm2-135m-instruct"  # registry name, local folder, HF id, or the served model name
     template: str = "auto"             # auto | chat (tokenizer's chat template) | plain (completion format for base models)
-    device: str = "auto"               # auto | cpu | cuda
-    dtype: str = "float32"             # float32 (default: the same numbers on every CPU; the profiles set auto) | auto (resolve_dtype: bf16 on GPUs that have it, else fp16; bf16 on CPUs with native bf16, else fp32) | bfloat16 | float16
+    device: str = "auto"               # auto | cpu | cuda | cuda:N (one GPU of several)
+    dtype: str = "auto"                # auto (resolve_dtype: bf16 on GPUs that have it, else fp16; bf16 on CPUs with native bf16, else fp32) | float32 | bfloat16 | float16
     batch_size: int = 16               # sequences per forward/generate call
     base_url: str = ""                 # openai backend: e.g. http://127.0.0.1:8000/v1
     api_key_env: str = ""              # openai backend: NAME of the environment variable holding the key
@@ -151,11 +153,18 @@ class LLMConfig:
     max_retries: int = 4               # openai backend: retries on 429/5xx/connection errors, with backoff
     top_logprobs: int = 20             # openai backend: alternatives asked for when reading letter probabilities
     readout: str = "letter"            # letter (the paper's, for models that bind symbols) | letter_debiased | cloze | cloze_sum | history | history_sum (04a_readout)
+    model_args: dict = field(default_factory=dict)   # transformers backend: from_pretrained keywords as they are (device_map: auto to shard over GPUs, attn_implementation, max_memory, ...)
+    engine_args: dict = field(default_factory=dict)  # vllm backend: vllm.LLM / EngineArgs keywords as they are (tensor_parallel_size, gpu_memory_utilization, max_model_len, quantization, ...)
     def __post_init__(self):
         _check(self.readout in READOUTS, f"readout must be one of {READOUTS}, got {self.readout!r}")
         _check(self.backend in LLM_BACKENDS, f"backend must be one of {LLM_BACKENDS}, got {self.backend!r}")
         _check(self.template in ("auto", "chat", "plain"), f"template must be auto, chat or plain, got {self.template!r}")
-        _check(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
+        _check(isinstance(self.device, str) and bool(_DEVICE.fullmatch(self.device)), f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        for k, backend in (("model_args", "transformers"), ("engine_args", "vllm")):
+            v = getattr(self, k)
+            _check(isinstance(v, dict) and all(isinstance(n, str) for n in v), f"{k} must be a mapping of keyword names to values, got {v!r}")
+            _check(not v or self.backend == backend, f"{k} is for backend {backend!r}; this role's backend is {self.backend!r}")
+            _check(not (set(v) & _REFUSED_ARGS), f"{k}: {sorted(set(v) & _REFUSED_ARGS)} cannot be set: remote code is never run and weights load only from safetensors")
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         _check(isinstance(self.model, str) and bool(self.model), "model must be a non-empty string")
         if self.backend == "openai": _check(bool(self.base_url), "base_url is required for the openai backend")
@@ -248,7 +257,7 @@ class FinetuneConfig:
     batch_size: int = 8
     grad_accum: int = 1
     max_length: int = 1024           # tokens; longer examples are refused with their scene_id
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Any = "auto"   # auto: on a GPU (a 3B model's activations at 8 x 1,024 tokens are ~24 GB without it), off on CPU | true | false (qlora: always on)
     save_steps: int = 25             # checkpoint every N steps (resume after an interruption)
     merge: bool = False              # also write a merged full model (for serving, e.g. behind vLLM)
     # the `lm` run: continued causal-LM training of the whole student on training users' interaction sequences
@@ -273,6 +282,7 @@ class FinetuneConfig:
         _check(self.method in FINETUNE_METHODS, f"finetune.method must be one of {FINETUNE_METHODS}, got {self.method!r}")
         bad = sorted(set(self.runs) - set(FINETUNE_RUNS))
         _check(not bad, f"finetune.runs has unknown run(s) {bad}; known: {FINETUNE_RUNS}")
+        _check(self.gradient_checkpointing in ("auto", True, False), f"finetune.gradient_checkpointing must be auto, true or false, got {self.gradient_checkpointing!r}")
         _check(self.loss_on in ("assistant", "answer", "letter"), f"finetune.loss_on must be 'assistant', 'answer' or 'letter', got {self.loss_on!r}")
         for k in ("lm_eval_every", "lm_eval_scenes"):
             _check(isinstance(getattr(self, k), int) and getattr(self, k) >= 0, f"finetune.{k} must be an int >= 0, got {getattr(self, k)!r}")
@@ -460,10 +470,14 @@ def seed_everything(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 def get_device(prefer: str = "auto") -> str:
-    "`'cuda'` when asked for or available (with `prefer='auto'`), else `'cpu'`."
+    "`'cuda'` (or the `'cuda:N'` asked for) when asked for or available (with `prefer='auto'`), else `'cpu'`."
     import torch
     if prefer == "cpu": return "cpu"
-    if prefer == "cuda" and not torch.cuda.is_available(): raise RuntimeError("device 'cuda' requested but no CUDA GPU is visible")
+    if prefer.startswith("cuda"):
+        if not torch.cuda.is_available(): raise RuntimeError(f"device {prefer!r} requested but no CUDA GPU is visible")
+        n, i = torch.cuda.device_count(), int(prefer.partition(":")[2] or 0)
+        if i >= n: raise RuntimeError(f"device {prefer!r} requested but only {n} CUDA GPU(s) are visible (cuda:0..cuda:{n - 1})")
+        return prefer
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 def cpu_has_bf16() -> bool:

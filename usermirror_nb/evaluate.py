@@ -230,9 +230,10 @@ def load_model(name_or_path: str | Path,   # registry name ("smollm2-135m-instru
         m, tok = load_causal_lm(name_or_path, cache_dir, dtype=getattr(torch, dtype), device=device)
         return m, tok, {}
     card = read_model_card(p)
-    if card["kind"] == "adapter":
+    if card["kind"] == "adapter":               # a qlora adapter on the dequantized nf4 base it was trained against (finetune.adapter_base)
         from peft import PeftModel
-        base, tok = load_causal_lm(card["base_model"], cache_dir, dtype=getattr(torch, dtype), device=device)
+        from usermirror_nb.finetune import adapter_base
+        base, tok = adapter_base(card["base_model"], cache_dir, device, dtype, card.get("method", "lora"), (card.get("config") or {}).get("bnb_args"))
         m = PeftModel.from_pretrained(base, str(p), is_trainable=False)
         if merge: m = m.merge_and_unload()
     else:

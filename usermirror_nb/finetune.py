@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_finetune.ipynb #d53f81d6
 from __future__ import annotations
-import copy, dataclasses, functools, hashlib, json, math, re, shutil, time
+import copy, dataclasses, functools, hashlib, json, math, os, re, shutil, time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,10 +24,11 @@ __all__ = ['SFT_COLUMNS', 'PREF_COLUMNS', 'CHATML_GENERATION_TEMPLATE', 'HISTORY
            'token_lengths', 'validate_sft', 'validate_pref', 'read_table', 'has_generation_markers',
            'renders_identically', 'load_tokenizer', 'training_tokenizer', 'letter_example', 'sft_dataset',
            'readout_answer', 'answer_example', 'history_sft_rows', 'history_example', 'pref_dataset', 'compact_lm_head',
-           'half_dtype', 'precision_args', 'qlora_memory_gb', 'num_layers', 'lora_config', 'cpu_trainable_4bit',
-           'load_student', 'sft_config', 'dpo_config', 'held_out_callback', 'stop_after', 'plot_training', 'train_sft',
-           'train_dpo', 'merge_adapter', 'load_finetuned', 'lm_sequences', 'lm_blocks', 'lm_corpus', 'train_lm',
-           'ensure_lm', 'answer_only_rows', 'restyle', 'run_finetune']
+           'half_dtype', 'precision_args', 'distributed', 'is_main_process', 'wait_for_everyone', 'training_device',
+           'one_gpu_per_process', 'qlora_memory_gb', 'num_layers', 'lora_config', 'cpu_trainable_4bit', 'bnb_config',
+           'load_student', 'checkpointing', 'sft_config', 'dpo_config', 'held_out_callback', 'stop_after',
+           'plot_training', 'train_sft', 'train_dpo', 'adapter_base', 'merge_adapter', 'load_finetuned', 'lm_sequences',
+           'lm_blocks', 'lm_corpus', 'train_lm', 'ensure_lm', 'answer_only_rows', 'restyle', 'run_finetune', 'main']
 
 # %% ../nbs/07_finetune.ipynb #2f771c43
 class DatasetError(ValueError):
@@ -364,16 +365,51 @@ def precision_args(device: str) -> dict:
     half = half_dtype(device)
     return {"bf16": half == torch.bfloat16, "fp16": half == torch.float16}
 
+# %% ../nbs/07_finetune.ipynb #d891bf5d
+def distributed() -> bool:
+    "Whether this process is one of several started by `accelerate launch` or `torchrun` (WORLD_SIZE > 1)."
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+def is_main_process() -> bool:
+    "Rank 0, or the only process: the one that writes model folders, cards and stage records."
+    return int(os.environ.get("RANK", "0")) == 0
+
+def wait_for_everyone():
+    "A barrier between the ranks of a multi-process launch; nothing in a single process."
+    if distributed():
+        from accelerate import PartialState
+        PartialState().wait_for_everyone()
+
+def training_device(device: str) -> str:
+    "The device this process trains on: its own GPU (cuda:LOCAL_RANK) under a multi-process launch, else `device` (cuda = cuda:0)."
+    if _on_cpu(device): return device
+    if distributed(): return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if device not in ("cuda", "cuda:0"):
+        raise ValueError(f"training on {device!r} in one process: transformers' Trainer trains on cuda:0 of the visible GPUs; "
+                         f"set CUDA_VISIBLE_DEVICES={device.partition(':')[2]} and device: cuda instead")
+    return device
+
+def one_gpu_per_process(args):
+    "`args` (TrainingArguments / SFTConfig / DPOConfig) counting one GPU when several are visible to a single process (no nn.DataParallel)."
+    if not distributed() and args.n_gpu > 1:
+        print(f"{args.n_gpu} GPUs visible to one process: training on {args.device} only (trl's trainers refuse nn.DataParallel); "
+              "use `accelerate launch ... usermirror-finetune` for several (README: GPU and clusters)")
+        args._n_gpu = 1            # as Trainer does for a model split over devices by a device_map
+    return args
+
 # %% ../nbs/07_finetune.ipynb #5f853f37
 def qlora_memory_gb(params: float = 3.21e9, layers: int = 28, hidden: int = 3072, intermediate: int = 8192, kv_dim: int = 1024,
                     vocab: int = 128256, lora_r: int = 16, batch: int = 8, seq_len: int = 1024,
-                    nf4_bytes: float = 0.516, overhead_gb: float = 1.5) -> dict:
+                    nf4_bytes: float = 0.516, overhead_gb: float = 1.5,
+                    tied: bool = True,        # one embedding matrix for input and LM head (Llama-3.2-3B); False counts a second one
+                    sequences: int = 1) -> dict:   # sequences per example: 1 for SFT, 2 for DPO (chosen + rejected in one batch)
     "Estimated GPU memory (GB) of QLoRA training with gradient checkpointing, by part (defaults: Llama-3.2-3B)."
-    emb = vocab * hidden
+    emb = vocab * hidden * (1 if tied else 2)
+    batch = batch * sequences
     per_layer_lora = 2 * (hidden + hidden) + 2 * (hidden + kv_dim) + 3 * (hidden + intermediate)  # q,o; k,v; gate,up,down
     lora = lora_r * layers * per_layer_lora
     gb = 1e9
-    out = {"weights_nf4": (params - emb) * nf4_bytes / gb, "embeddings_bf16": emb * 2 / gb,
+    out = {"weights_nf4": (params - emb) * nf4_bytes / gb, "embeddings_fp32": emb * 4 / gb,   # peft upcasts what is not 4-bit
            "lora_params_grads_adam": lora * 16 / gb, "checkpointed_inputs": batch * seq_len * hidden * 2 * layers / gb,
            "one_layer_recomputed": 34 * batch * seq_len * hidden / gb, "lm_head_tile": 4096 * 32768 * 4 / gb, "cuda_overhead": overhead_gb}
     out["total"] = sum(out.values())
@@ -386,7 +422,8 @@ def num_layers(base_model: str, cache_dir=None) -> int:
     "Decoder layers of a base model (from its config.json; no weights loaded)."
     from transformers import AutoConfig
     from usermirror_nb.assets import model_path
-    c = AutoConfig.from_pretrained(str(model_path(base_model, cache_dir)), local_files_only=True)
+    p = model_path(base_model, cache_dir)
+    c = AutoConfig.from_pretrained(str(p), **({"local_files_only": True} if isinstance(p, Path) else {}))   # an HF id may be fetched
     return int(getattr(c, "num_hidden_layers", None) or c.get_text_config().num_hidden_layers)
 
 def lora_config(fcfg: FinetuneConfig, n_layers: int | None = None):
@@ -417,6 +454,12 @@ def cpu_trainable_4bit(model) -> int:
             n += 1
     return n
 
+def bnb_config(device: str, bnb_args: dict | None = None):
+    "The BitsAndBytesConfig QLoRA trains with: nf4, double quantisation, 16-bit compute; `finetune.bnb_args` over it."
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(**{**dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                         bnb_4bit_compute_dtype=half_dtype(device)), **(bnb_args or {})})
+
 def load_student(base_model: str,             # registry name, local folder or HF id
                  method: str = "lora",        # lora | qlora | full
                  cache_dir=None, device: str = "cpu",
@@ -431,10 +474,7 @@ def load_student(base_model: str,             # registry name, local folder or H
     kw = {"use_safetensors": True, **({"local_files_only": True} if isinstance(src, Path) else {})}
     if method == "qlora":
         from peft import prepare_model_for_kbit_training
-        from transformers import BitsAndBytesConfig
-        q = BitsAndBytesConfig(**{**dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                          bnb_4bit_compute_dtype=half_dtype(device)), **(bnb_args or {})})
-        model = AutoModelForCausalLM.from_pretrained(src, quantization_config=q, dtype=half_dtype(device), device_map={"": device}, **kw)
+        model = AutoModelForCausalLM.from_pretrained(src, quantization_config=bnb_config(device, bnb_args), dtype=half_dtype(device), device_map={"": device}, **kw)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
         if _on_cpu(device): cpu_trainable_4bit(model)
         return model
@@ -442,10 +482,15 @@ def load_student(base_model: str,             # registry name, local folder or H
     return AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw).to(device)
 
 # %% ../nbs/07_finetune.ipynb #7c651652
+def checkpointing(fcfg: FinetuneConfig, device: str) -> bool:
+    "Gradient checkpointing: `auto` = on a GPU (activations of a 3B model at 8 x 1,024 tokens are ~24 GB without it), off on CPU; always for qlora."
+    on = (not _on_cpu(device)) if fcfg.gradient_checkpointing == "auto" else bool(fcfg.gradient_checkpointing)
+    return on or fcfg.method == "qlora"
+
 def _common_args(fcfg: FinetuneConfig, output_dir, device: str, seed: int) -> dict:
     gpu = not _on_cpu(device)
     return dict(**precision_args(device), output_dir=str(output_dir), per_device_train_batch_size=fcfg.batch_size, gradient_accumulation_steps=fcfg.grad_accum,
-                max_length=fcfg.max_length, gradient_checkpointing=fcfg.gradient_checkpointing or fcfg.method == "qlora",
+                max_length=fcfg.max_length, gradient_checkpointing=checkpointing(fcfg, device),
                 gradient_checkpointing_kwargs={"use_reentrant": False}, use_cpu=not gpu, seed=seed, data_seed=seed,
                 logging_steps=1, save_strategy="steps", save_steps=fcfg.save_steps, save_total_limit=1, report_to=[],
                 disable_tqdm=True, dataloader_num_workers=0)
@@ -455,14 +500,14 @@ def sft_config(fcfg: FinetuneConfig, output_dir, device: str = "cpu", seed: int 
     from trl import SFTConfig
     kw = dict(_common_args(fcfg, output_dir, device, seed), learning_rate=fcfg.sft_lr, num_train_epochs=fcfg.sft_epochs,
               max_steps=fcfg.sft_max_steps, assistant_only_loss=fcfg.loss_on == "assistant", train_sampling_strategy="group_by_length")
-    return SFTConfig(**{**kw, **fcfg.trainer_args, **fcfg.sft_args, **overrides})
+    return one_gpu_per_process(SFTConfig(**{**kw, **fcfg.trainer_args, **fcfg.sft_args, **overrides}))
 
 def dpo_config(fcfg: FinetuneConfig, output_dir, device: str = "cpu", seed: int = 0, **overrides):
     "trl's DPOConfig for the DPO runs: sigmoid loss, β from the config (`overrides`: any DPOConfig field)."
     from trl import DPOConfig
     kw = dict(_common_args(fcfg, output_dir, device, seed), learning_rate=fcfg.dpo_lr, num_train_epochs=fcfg.dpo_epochs,
               max_steps=fcfg.dpo_max_steps, beta=fcfg.beta, loss_type=["sigmoid"])
-    return DPOConfig(**{**kw, **fcfg.trainer_args, **fcfg.dpo_args, **overrides})
+    return one_gpu_per_process(DPOConfig(**{**kw, **fcfg.trainer_args, **fcfg.dpo_args, **overrides}))
 
 # %% ../nbs/07_finetune.ipynb #46a3126f
 def _nanmean(x) -> float:
@@ -521,13 +566,15 @@ def _finished(out_dir: Path, fingerprint: str) -> dict | None:
     return None
 
 def _prepare_folder(out_dir: Path, spec: dict):
-    "Keep a folder (and its checkpoints) only if it was started with the same fingerprint; write train_config.json."
+    "Keep a folder (and its checkpoints) only if it was started with the same fingerprint; write train_config.json (rank 0; the others wait)."
     f = out_dir / "train_config.json"
-    if out_dir.exists():
-        old = json.loads(f.read_text()) if f.exists() else {}
-        if old.get("fingerprint") != spec["fingerprint"]: shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(f, spec)
+    if is_main_process():
+        if out_dir.exists():
+            old = json.loads(f.read_text()) if f.exists() else {}
+            if old.get("fingerprint") != spec["fingerprint"]: shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(f, spec)
+    wait_for_everyone()
 
 def plot_training(history: list[dict], path: str | Path, title: str = ""):
     "loss.png: training loss per step (and held-out accuracy when logged)."
@@ -572,27 +619,31 @@ def _train_and_save(trainer, out_dir: Path, tokenizer, info: dict, fcfg: Finetun
     if st.global_step < st.max_steps:
         return {"complete": False, "steps": int(st.global_step), "max_steps": int(st.max_steps), "path": str(out_dir),
                 "resumed_from": Path(last).name if last else None}
-    model = trainer.model
-    if hasattr(model, "peft_config"):
-        model.save_pretrained(str(out_dir), selected_adapters=["default"])
+    model, main = trainer.model, trainer.is_world_process_zero()
+    if hasattr(model, "peft_config"):          # the trained adapter only (trl's DPO adds a frozen "ref" copy); rank 0 writes
+        if main: model.save_pretrained(str(out_dir), selected_adapters=["default"])
         kind = "adapter"
-    else:
-        model.save_pretrained(str(out_dir), safe_serialization=True)
+    else:                                      # every rank: under DeepSpeed ZeRO-3 / FSDP saving gathers the sharded weights
+        trainer.save_model(str(out_dir))
+        if main: (out_dir / "training_args.bin").unlink(missing_ok=True)   # a pickle; train_config.json has the arguments
         kind = "full"
-    tokenizer.save_pretrained(str(out_dir))
     hist = st.log_history
-    write_json(out_dir / "log_history.json", hist)
-    plot_training(hist, out_dir / "loss.png", info["name"])
+    if main:
+        tokenizer.save_pretrained(str(out_dir))
+        write_json(out_dir / "log_history.json", hist)
+        plot_training(hist, out_dir / "loss.png", info["name"])
     losses = [h["loss"] for h in hist if "loss" in h]
     toks = [h["num_tokens"] for h in hist if "num_tokens" in h]
     card = {**info, "kind": kind, "steps": int(st.global_step), "final_loss": float(losses[-1]) if losses else None,
           "seconds": round(secs, 1), "resumed_from": Path(last).name if last else None,
           "tokens_trained": int(toks[-1]) if toks else None, "config": dataclasses.asdict(fcfg), "complete": True}
     if fcfg.merge and kind == "adapter":
-        merge_adapter(info["base_model"], out_dir, out_dir / "merged", cache_dir)
+        if main: merge_adapter(info["base_model"], out_dir, out_dir / "merged", cache_dir, method=fcfg.method, bnb_args=fcfg.bnb_args)
         card["merged_path"] = "merged"
-    write_json(out_dir / "usermirror.json", card)          # written last: the folder is finished
-    shutil.rmtree(ck, ignore_errors=True)
+    if main:
+        write_json(out_dir / "usermirror.json", card)      # written last: the folder is finished
+        shutil.rmtree(ck, ignore_errors=True)
+    wait_for_everyone()
     return card
 
 def _frame(ds) -> pd.DataFrame:
@@ -619,7 +670,7 @@ def train_sft(base_model: str,                 # the student (registry name, fol
              ) -> dict:
     "Train (or resume, or reuse) one SFT model with trl's SFTTrainer; returns its usermirror.json (or complete=False if stopped early)."
     out_dir = Path(out_dir)
-    device = device or get_device()
+    device = training_device(device or get_device())
     tok = load_tokenizer(base_model, cache_dir)
     df = validate_sft(_frame(train_ds), source, tok, fcfg.max_length)            # before any model is loaded
     if readout in HISTORY_READOUTS:
@@ -670,7 +721,7 @@ def train_dpo(base_model: str,
     from trl import DPOTrainer
     if readout in HISTORY_READOUTS: raise ValueError(HISTORY_NO_DPO)
     out_dir, sft_dir = Path(out_dir), Path(sft_dir)
-    device = device or get_device()
+    device = training_device(device or get_device())
     tok = load_tokenizer(base_model, cache_dir)
     df = validate_pref(_frame(pref_ds), source, tok, fcfg.max_length)             # before any model is loaded
     for f in ("chosen", "rejected"):
@@ -701,6 +752,7 @@ def train_dpo(base_model: str,
     else:
         model = load_student(base_model, "full", cache_dir, device, path=sft_dir)
         ref = load_student(base_model, "full", cache_dir, device, path=sft_dir).eval()
+        if not _on_cpu(device): ref = ref.to(half_dtype(device))   # frozen: 16-bit on a GPU (an fp32 3B copy is 12.8 GB)
     from usermirror_nb.rosepo import RosePOCollator, RosePOTrainer
     Trainer = RosePOTrainer if smoothed else DPOTrainer
     coll = (RosePOCollator(pad_token_id=tok.pad_token_id, max_length=args.max_length, truncation_mode=args.truncation_mode,
@@ -716,13 +768,31 @@ def train_dpo(base_model: str,
 
 
 # %% ../nbs/07_finetune.ipynb #3da5ccf5
-def merge_adapter(base_model: str, adapter_dir: str | Path, out_dir: str | Path, cache_dir=None) -> Path:
-    "Base student + adapter merged into one full safetensors model folder (with the base tokenizer), written atomically."
+def adapter_base(base_model: str, cache_dir=None, device: str = "cpu", dtype: str = "float32",
+                 method: str = "lora",           # the card's method: a qlora adapter learned on the nf4 weights
+                 bnb_args: dict | None = None):  # the card's finetune.bnb_args
+    """(model, tokenizer): the base an adapter is applied to. A QLoRA adapter was trained against the nf4-quantised base, so
+    its base is that nf4 model, loaded as in training and dequantized to `dtype`: the weights the adapter saw, as a plain
+    model to merge into or score with (the unquantised base differs from them by the quantisation error). Other adapters
+    get the base as it is."""
     import torch
+    from usermirror_nb.assets import load_causal_lm, model_path
+    if method != "qlora": return load_causal_lm(base_model, cache_dir, dtype=getattr(torch, dtype), device=device)
+    from transformers import AutoModelForCausalLM
+    src = model_path(base_model, cache_dir)
+    kw = {"use_safetensors": True, **({"local_files_only": True} if isinstance(src, Path) else {})}
+    m = AutoModelForCausalLM.from_pretrained(src, quantization_config=bnb_config(device, bnb_args), dtype=half_dtype(device),
+                                             device_map={"": device}, **kw)
+    if _on_cpu(device): cpu_trainable_4bit(m)
+    m = m.dequantize(dtype=getattr(torch, dtype)).to(getattr(torch, dtype))   # dequantize leaves some layers in the compute dtype
+    return m.eval(), load_tokenizer(base_model, cache_dir)
+
+def merge_adapter(base_model: str, adapter_dir: str | Path, out_dir: str | Path, cache_dir=None,
+                  method: str = "lora", bnb_args: dict | None = None) -> Path:
+    "Base student + adapter merged into one full safetensors model folder (with the base tokenizer), written atomically; qlora: into the dequantized nf4 base."
     from peft import PeftModel
-    from usermirror_nb.assets import load_causal_lm
     from usermirror_nb.config import atomic_path
-    model, tok = load_causal_lm(base_model, cache_dir, dtype=torch.float32, device="cpu")
+    model, tok = adapter_base(base_model, cache_dir, "cpu", "float32", method, bnb_args)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     with atomic_path(out_dir, is_dir=True) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
@@ -737,7 +807,7 @@ def load_finetuned(model_dir: str | Path, cache_dir=None, device: str = "cpu", d
     card = json.loads((model_dir / "usermirror.json").read_text())
     if card["kind"] == "adapter":
         from peft import PeftModel
-        base, tok = load_causal_lm(card["base_model"], cache_dir, dtype=getattr(torch, dtype), device=device)
+        base, tok = adapter_base(card["base_model"], cache_dir, device, dtype, card.get("method", "lora"), (card.get("config") or {}).get("bnb_args"))
         return PeftModel.from_pretrained(base, str(model_dir)).eval(), tok
     model, _ = load_causal_lm(model_dir, cache_dir, dtype=getattr(torch, dtype), device=device)
     return model.eval(), load_tokenizer(card["base_model"], cache_dir)
@@ -797,7 +867,7 @@ def train_lm(base_model: str,                  # the student (registry name, fol
     "Continued causal-LM training of every weight on the corpus with transformers' Trainer (resumable); returns its usermirror.json."
     from datasets import Dataset
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
-    out_dir = Path(out_dir); device = device or get_device()
+    out_dir = Path(out_dir); device = training_device(device or get_device())
     tok = load_tokenizer(base_model, cache_dir)
     blocks, tokens = [], {}
     for d, texts in corpus.items():
@@ -815,11 +885,13 @@ def train_lm(base_model: str,                  # the student (registry name, fol
     if (done := _finished(out_dir, fp)) is not None: return done
     gpu = not _on_cpu(device)
     args = TrainingArguments(**{**dict(output_dir=str(out_dir / "checkpoints"), per_device_train_batch_size=fcfg.lm_batch_size,
+                                       gradient_checkpointing=checkpointing(fcfg, device), gradient_checkpointing_kwargs={"use_reentrant": False},
                                        learning_rate=fcfg.lm_lr, num_train_epochs=fcfg.lm_epochs, max_steps=fcfg.lm_max_steps,
                                        warmup_steps=min(20, max(1, len(blocks) // (20 * fcfg.lm_batch_size))), **precision_args(device), use_cpu=not gpu,
                                        seed=seed, data_seed=seed, logging_steps=5, save_strategy="steps", save_steps=fcfg.lm_save_steps,
                                        save_total_limit=1, report_to=[], disable_tqdm=True, dataloader_num_workers=0,
                                        include_num_input_tokens_seen=True), **fcfg.trainer_args, **args_overrides})
+    args = one_gpu_per_process(args)
     _prepare_folder(out_dir, {"fingerprint": fp, **spec, "name": info["name"], "device": device, "corpus": tokens,
                               "training_args": args.to_dict(), "versions": package_versions()})
     seed_everything(seed)
@@ -833,7 +905,8 @@ def train_lm(base_model: str,                  # the student (registry name, fol
         seen = [h["num_input_tokens_seen"] for h in trainer.state.log_history if "num_input_tokens_seen" in h]
         card["tokens_trained"] = int(seen[-1]) if seen else int(trainer.state.global_step * fcfg.lm_batch_size * fcfg.lm_block_size)
         card["passes"] = round(card["tokens_trained"] / max(1, len(blocks) * fcfg.lm_block_size), 3)
-        write_json(out_dir / "usermirror.json", card)
+        if is_main_process(): write_json(out_dir / "usermirror.json", card)
+        wait_for_everyone()
     return card
 
 def ensure_lm(cfg: Config) -> Path:
@@ -933,10 +1006,22 @@ def run_finetune(cfg: Config) -> Path:
                            seed=cfg.seed, device=device, name=j["name"], source=j["source"], readout=readout)
         if card.get("complete") is False: raise RuntimeError(f"finetune: {j['name']} stopped at step {card['steps']} of {card['max_steps']}; rerun to resume")
         models.append({**card, "path": j["name"]})
-    res = write_json(out / "models.json", {"models": models, "skipped": skipped, "config_hash": cfg.hash()})
+    res = out / "models.json"
     note = "; ".join(f"{s['name']} skipped: {s['reason']}" for s in skipped)
+    if not is_main_process(): return res       # rank 0 writes the stage's files (accelerate launch)
+    write_json(res, {"models": models, "skipped": skipped, "config_hash": cfg.hash()})
     record_stage(cfg, "finetune", "done", res, time.time() - t0,
                  {"models": len(models), "skipped": len(skipped), "sft_examples": len(jobs[0]["data"]),
                   "pref_pairs": 0 if pref is None else len(pref), "steps": sum(m["steps"] for m in models)}, note=note)
     print(f"finetune: {len(models)} model(s) in {out} ({time.time() - t0:.0f} s){'; ' + note if note else ''}")
     return res
+
+# %% ../nbs/07_finetune.ipynb #9e538c33
+def main(argv=None):
+    "`usermirror-finetune`: stage 07 alone (the command `accelerate launch` starts once per GPU)."
+    import argparse
+    p = argparse.ArgumentParser(prog="usermirror-finetune", description="Stage 07 (fine-tuning) alone; run it under `accelerate launch` for several GPUs.")
+    p.add_argument("--profile", default="quick", help="configs/<profile>.yaml (default: quick)")
+    p.add_argument("--overrides", default="", help="flat key=value overrides, comma-separated")
+    a = p.parse_args(argv)
+    return run_finetune(load_config(a.profile, a.overrides))

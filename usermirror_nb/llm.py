@@ -220,9 +220,10 @@ class TransformersLLM(LLM):
         if model is None:
             from usermirror_nb.assets import load_causal_lm
             self.device = get_device(cfg.device)
-            model, tokenizer = load_causal_lm(cfg.model, cache_dir, dtype=getattr(torch, resolve_dtype(cfg.dtype, self.device)), device=self.device)
+            model, tokenizer = load_causal_lm(cfg.model, cache_dir, dtype=getattr(torch, resolve_dtype(cfg.dtype, self.device)), device=self.device,
+                                              **cfg.model_args)
         elif tokenizer is None: raise ValueError("TransformersLLM: a model was given without its tokenizer")
-        else: self.device = str(next(model.parameters()).device)
+        self.device = str(next(model.parameters()).device)   # inputs go where the embeddings are (a `device_map` may shard the rest)
         self.load_seconds = time.time() - t0
         self.model, self.tok = model.eval(), tokenizer
         if self.tok.pad_token_id is None: self.tok.pad_token = self.tok.eos_token
@@ -754,7 +755,13 @@ class VLLMLLM(LLM):
         from usermirror_nb.assets import model_path
         self.cfg, self._vllm = cfg, vllm
         t0 = time.time()
-        self.engine = vllm.LLM(model=str(model_path(cfg.model, cache_dir)), dtype=cfg.dtype, seed=seed, trust_remote_code=False)
+        import dataclasses
+        known = {f.name for f in dataclasses.fields(vllm.EngineArgs)}
+        bad = sorted(set(cfg.engine_args) - known)
+        if bad: raise LLMError(f"engine_args: {bad} {'is not an option' if len(bad) == 1 else 'are not options'} of vllm.EngineArgs")
+        # engine settings as vLLM names them (tensor_parallel_size, gpu_memory_utilization, max_model_len, quantization, ...); dtype
+        # `auto` is vLLM's own auto (the checkpoint's 16-bit dtype), never fp32
+        self.engine = vllm.LLM(model=str(model_path(cfg.model, cache_dir)), dtype=cfg.dtype, seed=seed, **cfg.engine_args, trust_remote_code=False)
         self.load_seconds = time.time() - t0
         self.tok = self.engine.get_tokenizer()
         self.template = resolve_template(self.tok, cfg.template)

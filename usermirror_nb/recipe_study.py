@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import Config, write_json
-from .finetune import LINEAR_MODULES
+from .config import Config, get_device, write_json
+from .finetune import LINEAR_MODULES, half_dtype
 
 # %% auto #0
 __all__ = ['STUDY_VARIANTS', 'cache_hidden', 'cached_eval', 'train_cached', 'plot_study', 'run_recipe_study']
@@ -32,17 +32,28 @@ def _study_encode(tok, row: dict, style: str, with_answer: bool, letter_ids: lis
     from usermirror_nb.scenes import render_scene
     from usermirror_nb.uncertainty import CUE
     conv = rationale_conversation(render_scene(row, style), int(row["choice_cnt"]))
-    ids = tok(tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True) + CUE, add_special_tokens=False).input_ids
+    prompt = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True) + CUE
+    ids = tok(prompt, add_special_tokens=False).input_ids
     pos = len(ids) - 1
-    if with_answer: ids = ids + [letter_ids[int(row["gt_pos"])]] + tok("]<|im_end|>", add_special_tokens=False).input_ids
+    if with_answer: ids = ids + [letter_ids[int(row["gt_pos"])]] + _answer_end(tok, conv, prompt)
     return ids, pos
+
+def _answer_end(tok, conv: list, prompt: str) -> list:
+    "The tokens after the letter of a `Behavior: [X]` assistant turn, as the tokenizer's own chat template ends it (`]` + its end of turn)."
+    from usermirror_nb.uncertainty import CUE
+    full = tok.apply_chat_template(conv + [{"role": "assistant", "content": CUE + "A]"}], tokenize=False)
+    if not full.startswith(prompt + "A"):
+        raise ValueError(f"the chat template of {getattr(tok, 'name_or_path', 'this tokenizer')} does not render the prompt as the start of "
+                         "the answered conversation; the recipe study needs that to place the answer")
+    return tok(full[len(prompt) + 1:].rstrip("\n"), add_special_tokens=False).input_ids
 
 # %% ../nbs/07b_recipe_study.ipynb #2164b598
 def cache_hidden(model, tok, scenes: pd.DataFrame, style: str, freeze: int, with_answer: bool, batch_size: int = 8) -> dict:
-    "Hidden states after the bottom `freeze` layers for every scene (bf16), with ids, letter positions, gt and domain."
+    "Hidden states after the bottom `freeze` layers for every scene (bf16, kept in CPU memory), with ids, letter positions, gt and domain."
     import torch
     from tqdm.auto import tqdm
     from usermirror_nb.llm import letter_token_ids
+    dev = next(model.parameters()).device
     lid = letter_token_ids(tok, int(scenes["choice_cnt"].max()))
     rows = scenes.to_dict("records")
     enc = [_study_encode(tok, r, style, with_answer, lid) for r in rows]
@@ -51,9 +62,9 @@ def cache_hidden(model, tok, scenes: pd.DataFrame, style: str, freeze: int, with
         b = enc[i:i + batch_size]; L = max(len(x) for x, _ in b)
         ids = torch.full((len(b), L), tok.pad_token_id); mask = torch.zeros((len(b), L), dtype=torch.long)
         for j, (x, _) in enumerate(b): ids[j, :len(x)] = torch.tensor(x); mask[j, :len(x)] = 1   # right padding
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            h = model.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[freeze]
-        H += [h[j, :len(x)].to(torch.bfloat16).clone() for j, (x, _) in enumerate(b)]
+        with torch.no_grad(), torch.autocast(dev.type, dtype=half_dtype(str(dev))):
+            h = model.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), output_hidden_states=True).hidden_states[freeze]
+        H += [h[j, :len(x)].to(torch.bfloat16).cpu().clone() for j, (x, _) in enumerate(b)]
     return dict(h=H, ids=[torch.tensor(x) for x, _ in enc], pos=[p for _, p in enc], gt=[int(r["gt_pos"]) for r in rows],
                 domain=[r["domain"] for r in rows], letter_ids=lid, freeze=freeze)
 
@@ -85,8 +96,9 @@ def _cached_batch(c: dict, idx: list):
 def _top_forward(m, H, mask):
     import torch
     base = m.get_base_model() if hasattr(m, "get_base_model") else m
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        return base.model(inputs_embeds=H, attention_mask=mask).last_hidden_state, base.lm_head
+    dev = next(base.parameters()).device      # the cached states live in CPU memory; the top layers run where the model is
+    with torch.autocast(dev.type, dtype=half_dtype(str(dev))):
+        return base.model(inputs_embeds=H.to(dev), attention_mask=mask.to(dev)).last_hidden_state, base.lm_head
 
 def cached_eval(m, c: dict, batch_size: int = 16) -> dict:
     "Held-out direct-mode metrics from cached states: mean p(gt) (= expected paper accuracy), argmax accuracy, NLL, letter histogram."
@@ -96,7 +108,7 @@ def cached_eval(m, c: dict, batch_size: int = 16) -> dict:
         idx = list(range(i, min(i + batch_size, len(c["h"]))))
         with torch.no_grad(): h, head = _top_forward(m, *_cached_batch(c, idx))
         last = torch.stack([h[j, c["pos"][k]] for j, k in enumerate(idx)]).float()
-        with torch.no_grad(): P.append(torch.softmax(head(last)[:, c["letter_ids"]].float(), -1).numpy())
+        with torch.no_grad(): P.append(torch.softmax(head(last)[:, c["letter_ids"]].float(), -1).cpu().numpy())
     P = np.concatenate(P); gt = np.array(c["gt"]); dom = np.array(c["domain"]); hit = P.argmax(1) == gt
     res = dict(accuracy=float(P[np.arange(len(gt)), gt].mean()), argmax_accuracy=float(hit.mean()),
                nll=float(-np.log(np.maximum(P[np.arange(len(gt)), gt], 1e-12)).mean()),
@@ -126,13 +138,13 @@ def train_cached(model, c_tr: dict, c_ev: dict, kind: str = "lora", lr: float = 
         h, head = _top_forward(m, *_cached_batch(c_tr, idx))
         if loss_on == "letter":
             logits = head(torch.stack([h[j, c_tr["pos"][i]] for j, i in enumerate(idx)]).float())
-            loss = F.cross_entropy(logits, torch.tensor([c_tr["letter_ids"][c_tr["gt"][i]] for i in idx]))
+            loss = F.cross_entropy(logits, torch.tensor([c_tr["letter_ids"][c_tr["gt"][i]] for i in idx], device=logits.device))
         else:   # every assistant token: "Behavior", ":", " [" (the last prompt tokens), the letter, "]", "<|im_end|>"
             hs, tg = [], []
             for j, i in enumerate(idx):
                 ids = c_tr["ids"][i]; p0 = c_tr["pos"][i] - 4
                 hs.append(h[j, p0:len(ids) - 1]); tg.append(ids[p0 + 1:len(ids)])
-            loss = F.cross_entropy(head(torch.cat(hs).float()), torch.cat(tg))
+            loss = F.cross_entropy(head(torch.cat(hs).float()), torch.cat(tg).to(h.device))
         loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); sched.step(); opt.zero_grad()
         losses.append(loss.item())
         if step % eval_every == 0 or step == steps:
@@ -169,7 +181,8 @@ def run_recipe_study(cfg: Config, variants: dict | None = None, out_dir: str | P
     out.mkdir(parents=True, exist_ok=True)
     tr = load_scenes(cfg, "train").to_pandas().sample(frac=1.0, random_state=cfg.seed).groupby("domain").head(n_train // 2)
     ev = load_scenes(cfg, "eval").to_pandas().groupby("domain").head(n_eval // 2)
-    model, tok = load_causal_lm(cfg.models["student"].model, cfg.assets.cache_path, dtype=torch.float32)
+    device = get_device(cfg.models["student"].device)          # a GPU when one is there (autocast bf16, or fp16 without bf16)
+    model, tok = load_causal_lm(cfg.models["student"].model, cfg.assets.cache_path, dtype=torch.float32, device=device)
     model.eval()
     for p in model.parameters(): p.requires_grad_(False)
     caches, results = {}, []
