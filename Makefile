@@ -30,7 +30,7 @@ $(STAMP):
 paper: install  ## run the stage notebooks with papermill for PROFILE (results/$(PROFILE)/)
 	$(BIN)/usermirror-paper --profile $(PROFILE) --overrides "$(OVERRIDES)"
 
-policy-study: install  ## recommenders in the loop (12_policies): 5 recommenders incl. SB3 PPO x 3 simulators, replay metrics, Kendall tau -> results/policy_study/
+policy-study: install  ## recommenders in the loop (12_policies): 5 recommenders incl. SB3 PPO x 3 classic + 2 SmolLM2 simulators (hybrid, LLM; 40 users batched), replay metrics, Kendall tau -> results/policy_study/
 	$(BIN)/usermirror-paper --profile quick --stages config,assets
 	$(BIN)/python -c "from usermirror_nb.config import load_config; from usermirror_nb.policies import run_policy_study; run_policy_study(load_config('quick'))"
 

@@ -1,11 +1,13 @@
 """Environment steps per second (11_env) per simulator kind, batch 1 against batched, side by side in one run.
 
-    .venv/bin/python benchmarks/env.py [--users 16] [--steps 6]
+    .venv/bin/python benchmarks/env.py [--users 16] [--steps 6] [--http-users 4] [--http-steps 3]
 
 Simulators: item-kNN (classic), the hybrid (item-kNN x SmolLM2 history_sum), SmolLM2-135M read locally with the
 `history_sum` readout (LLM direct), and the same model behind `serve()` on loopback HTTP read through `OpenAILLM`
 with the letter readout (the only one a server gives). "batch 1" steps `--users` RecSimEnv one after the other
 (one simulator call per user per step); "batched" steps one RecSimVectorEnv of `--users` users (one call per step).
+The HTTP row uses fewer users and steps (`--http-users`, `--http-steps`): a served letter readout scores the whole
+~700-token scene prompt per request (about 2-3 s on 2 cores), and the default sizes took over 15 minutes there.
 Real ML-100K users (the offline wheel). Timings are wall-clock on whatever else the machine is doing: read the
 ratios, measured here in the same run.
 """
@@ -39,6 +41,7 @@ def steps_per_second(make_seq, make_vec, users: int, steps: int, seed: int = 0) 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--users", type=int, default=16); ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--http-users", type=int, default=4); ap.add_argument("--http-steps", type=int, default=3)
     a = ap.parse_args(argv)
     dcfg = DomainConfig(name="movielens", source="ml-100k", positive_min=4)
     raw = load_domain(dcfg)
@@ -57,13 +60,14 @@ def main(argv=None):
     knn = ClassicChoice(fit, "item_knn", beta=3.0)
     kinds = {"classic (item_knn)": knn, "hybrid (item_knn x SmolLM2)": HybridChoice(LLMChoice(sim), knn, 0.1),
              "LLM direct (SmolLM2, history_sum)": LLMChoice(sim), "LLM over loopback HTTP (letter)": LLMChoice(http)}
-    print(f"{a.users} users x {a.steps} steps, k = 5, real ML-100K users\n")
-    print(f"| simulator | batch 1 steps/s | batched steps/s | batched / batch 1 |\n|---|---|---|---|")
+    print(f"{a.users} users x {a.steps} steps ({a.http_users} x {a.http_steps} over HTTP), k = 5, real ML-100K users\n")
+    print(f"| simulator | users x steps | batch 1 steps/s | batched steps/s | batched / batch 1 |\n|---|---|---|---|---|")
     try:
         for name, choice in kinds.items():
             kw = dict(dom=dom, choice=choice, users=users, rating=rating, budget=1000)
-            seq, vec = steps_per_second(lambda: [RecSimEnv(**kw) for _ in range(a.users)], lambda: RecSimVectorEnv(a.users, **kw), a.users, a.steps)
-            print(f"| {name} | {seq:.1f} | {vec:.1f} | {vec / seq:.2f}x |", flush=True)
+            n, st = (a.http_users, a.http_steps) if getattr(choice, "sim", None) is http else (a.users, a.steps)
+            seq, vec = steps_per_second(lambda: [RecSimEnv(**kw) for _ in range(n)], lambda: RecSimVectorEnv(n, **kw), n, st)
+            print(f"| {name} | {n} x {st} | {seq:.1f} | {vec:.1f} | {vec / seq:.2f}x |", flush=True)
     finally:
         http.llm.close(); srv.shutdown(); srv.server_close(); sim.close()
 

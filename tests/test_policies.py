@@ -71,3 +71,22 @@ def test_rank_agreement_reads_order_not_scale():
     assert rank_agreement(sim, {"a": u * 0 + .01, "b": u * 0 + .02, "c": u * 0 + .5}, 100)["tau"] == 1.0
     r = rank_agreement(sim, {"a": u * 0 + .5, "b": u * 0 + .02, "c": u * 0 + .01}, 100)
     assert r["tau"] == -1.0 and r["users"] == 30
+
+
+def test_batched_episodes_make_one_simulator_call_per_step_and_the_same_episodes(setup):
+    "#12: an LLM simulator scores every user's slate of a step in one call; the episodes do not depend on the batch size."
+    from usermirror_nb.env import ChoiceModel
+    dom, held, fit, users = setup
+    class Counting(ChoiceModel):
+        def __init__(self, inner): self.inner, self.name, self.calls, self.sizes = inner, inner.name, 0, []
+        def slate_probs(self, dom, states, slates): self.calls += 1; self.sizes.append(len(states)); return self.inner.slate_probs(dom, states, slates)
+        def appeal(self, dom, states, slates): return self.inner.appeal(dom, states, slates)
+    for model in ("random", "item_knn"):                          # the random recommender draws from its per-user rng
+        seq, bat = Counting(ClassicChoice(fit, "item_knn", beta=3.0, outside=0.9)), Counting(ClassicChoice(fit, "item_knn", beta=3.0, outside=0.9))
+        rec = CatalogueRecommender(fit, model)
+        a = run_episodes(RecSimEnv(dom, seq, users=users, k=5, budget=6), rec, users[:12], seed=5)
+        b = run_episodes(RecSimEnv(dom, bat, users=users, k=5, budget=6), rec, users[:12], seed=5, batch=12)
+        assert a == b, model
+        steps = [r["steps"] for r in a]
+        assert seq.calls == sum(steps) and set(seq.sizes) == {1}
+        assert bat.calls == max(steps) and bat.sizes[0] == 12 and sorted(bat.sizes, reverse=True) == bat.sizes   # users leave, the batch shrinks

@@ -148,7 +148,7 @@ class LLMConfig:
     batch_size: int = 16               # sequences per forward/generate call
     base_url: str = ""                 # openai backend: e.g. http://127.0.0.1:8000/v1
     api_key_env: str = ""              # openai backend: NAME of the environment variable holding the key
-    max_concurrency: int = 4           # openai backend: requests in flight
+    max_concurrency: int = 16          # openai backend: requests in flight (a vLLM server batches them; 429s back off and retry)
     timeout_s: float = 60.0            # openai backend: per request
     max_retries: int = 4               # openai backend: retries on 429/5xx/connection errors, with backoff
     top_logprobs: int = 20             # openai backend: alternatives asked for when reading letter probabilities

@@ -12,7 +12,7 @@ from scipy.sparse.linalg import svds
 from scipy.stats import kendalltau
 
 from .baselines import DomainFit
-from .env import ClassicChoice, RecSimEnv, UserState
+from .env import ClassicChoice, RecSimEnv, UserState, advance
 from .scenes import Domain, n_earlier
 
 # %% auto #0
@@ -48,19 +48,30 @@ class CatalogueRecommender(Recommender):
         return self.scorer.scores(dom, states, np.tile(np.arange(dom.n_items), (len(states), 1)))
 
 # %% ../nbs/12_policies.ipynb #5a02b96d
-def run_episodes(env: RecSimEnv, rec: Recommender, users, seed: int = 0) -> list[dict]:
-    "One episode per user of `users` (seed `seed + i`) with `rec` choosing every slate: user, start, steps, clicks, reward, the clicked items and their ratings."
+def run_episodes(env: RecSimEnv, rec: Recommender, users, seed: int = 0,
+                 batch: int = 1) -> list[dict]:   # users stepped together: one simulator call per step for all of them
+    """One episode per user of `users` (env seed `seed + i`, recommender rng `[seed, i]`) with `rec` choosing every slate:
+    user, start, steps, clicks, reward, the clicked items and their ratings. The numbers do not depend on `batch`; an
+    LLM simulator scores a whole batch of users' scenes in one call (11_env's `advance`, as the vector env does)."""
     env = env.unwrapped
-    rng, out = np.random.default_rng(seed), []
-    for i, u in enumerate(users):
-        env.reset(seed=seed + i, options={"user": int(u)})
-        total, done = 0.0, False
-        while not done:
-            _, r, term, trunc, _ = env.step(rec.recommend(env.dom, [env.state], env.k, rng)[0])
-            total += r; done = term or trunc
-        s = env.state
-        out.append(dict(user=int(u), start=s.start, steps=s.steps, clicks=s.clicks, reward=total,
-                        items=[int(i) for i in s.items[s.start:]], ratings=[float(r) for r in s.feedback[s.start:]]))
+    out = []
+    for b0 in range(0, len(users), max(1, int(batch))):
+        idx = range(b0, min(b0 + max(1, int(batch)), len(users)))
+        states, env_rngs, rec_rngs = [], [], []
+        for i in idx:                                  # each reset makes a new seeded generator: keep each user's own
+            env.reset(seed=seed + i, options={"user": int(users[i])})
+            states.append(env.state); env_rngs.append(env.np_random); rec_rngs.append(np.random.default_rng([seed, i]))
+        total, live = [0.0] * len(states), list(range(len(states)))
+        while live:
+            slates = np.stack([env.check_action(rec.recommend(env.dom, [states[j]], env.k, rec_rngs[j])[0]) for j in live])
+            res = advance(env.dom, env.choice, [states[j] for j in live], slates, [env_rngs[j] for j in live],
+                          env.behaviour, env.rating, env.reward, env.budget)
+            for j, (r, term, trunc, _) in zip(list(live), res):
+                total[j] += r
+                if term or trunc: live.remove(j)
+        out += [dict(user=int(users[i]), start=s.start, steps=s.steps, clicks=s.clicks, reward=t,
+                     items=[int(x) for x in s.items[s.start:]], ratings=[float(r) for r in s.feedback[s.start:]])
+                for i, s, t in zip(idx, states, total)]
     return out
 
 def _boot_mean(x: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float]:
@@ -214,7 +225,10 @@ def rank_agreement(simulated: dict, offline: dict, n_boot: int = 1000, seed: int
 # %% ../nbs/12_policies.ipynb #fafc492a
 def run_policy_study(cfg, domain: str = "movielens", users: int = 150, ppo_steps: int = 4096, sasrec_steps: int = 300,
                      budget: int = 10, k: int = 5, out_dir=None, simulators: dict | None = None, n_boot: int = 1000,
-                     outside: float = 0.9) -> dict:   # the simulators' outside option (11_env: ClassicChoice(outside=...))
+                     outside: float = 0.9,            # the simulators' outside option (11_env: ClassicChoice(outside=...))
+                     llm_users: int = 40,             # the first N evaluation users also meet the LLM simulators (0 = none), all N in one batch
+                     llm_simulators: tuple = ("hybrid", "llm"),   # hybrid: SmolLM2 x item-kNN (item-kNN's appeal); llm: SmolLM2 alone
+                     llm_model: str = "smollm2-135m-instruct", hybrid_w: float = 0.5) -> dict:
     "Recommenders (random, popularity, item-kNN, SASRec, PPO) × simulators: simulated reward, offline replay metrics, Kendall τ."
     import json, time
     from pathlib import Path
@@ -251,20 +265,41 @@ def run_policy_study(cfg, domain: str = "movielens", users: int = 150, ppo_steps
     rows, agree, dists = [], {}, []
     by_id = dict(zip(raw.items["item_id"].astype(str), raw.items.get("genres", pd.Series([""] * len(raw.items))).fillna("").astype(str)))
     genres = [[g for g in by_id.get(str(i), "").split("|") if g] for i in dom.item_ids]
-    for sname, sim in sims.items():
-        env = RecSimEnv(dom, sim, users=eval_users, **env_kw)
-        episodes = {n: run_episodes(env, r, eval_users, seed=cfg.seed) for n, r in recs.items()}
-        rows += [{"simulator": sname, "recommender": n, **summarise(e, n_boot, cfg.seed)} for n, e in episodes.items()]
-        dists += [{"simulator": sname, "recommender": n, **distribution_row(dom, genres, e, budget)} for n, e in episodes.items()]
+    timing = {}
+    def simulate(sname, sim, us, batch):            # every recommender under one simulator, on users `us` (a prefix of eval_users)
+        t2, env = time.time(), RecSimEnv(dom, sim, users=us, **env_kw)
+        episodes = {n: run_episodes(env, r, us, seed=cfg.seed, batch=batch) for n, r in recs.items()}
+        rows.extend({"simulator": sname, "recommender": n, "users": len(us), **summarise(e, n_boot, cfg.seed)} for n, e in episodes.items())
+        dists.extend({"simulator": sname, "recommender": n, **distribution_row(dom, genres, e, budget)} for n, e in episodes.items())
         reward = {n: np.array([x["reward"] for x in e]) for n, e in episodes.items()}
-        agree[sname] = {m: rank_agreement(reward, {n: offline[n][m] for n in recs}, n_boot, cfg.seed) for m in ("recall", "ndcg")}
+        agree[sname] = {m: rank_agreement(reward, {n: offline[n][m][:len(us)] for n in recs}, n_boot, cfg.seed) for m in ("recall", "ndcg")}
+        steps = sum(x["steps"] for e in episodes.values() for x in e)
+        timing[sname] = {"users": len(us), "batch": batch, "steps": steps, "seconds": round(time.time() - t2, 1),
+                         "steps_per_s": round(steps / max(time.time() - t2, 1e-9), 2)}
+    for sname, sim in sims.items(): simulate(sname, sim, eval_users, 1)
+    llm_info, lm = None, None
+    if llm_users and llm_simulators:
+        from usermirror_nb.config import LLMConfig
+        from usermirror_nb.env import HybridChoice, LLMChoice
+        from usermirror_nb.evaluate import Simulator
+        lm = Simulator.load(llm_model, cfg.assets.cache_path, LLMConfig(model=llm_model, batch_size=16, readout="history_sum"))
+        llm = LLMChoice(lm)
+        made = {"llm": lambda: llm, "hybrid": lambda: HybridChoice(llm, ClassicChoice(fit, "item_knn", beta=betas["item_knn"], outside=outside), hybrid_w)}
+        bad = sorted(set(llm_simulators) - set(made))
+        if bad: raise ValueError(f"run_policy_study: unknown llm_simulators {bad}; known: {sorted(made)}")
+        us = eval_users[:llm_users]
+        try:
+            for sname in llm_simulators: simulate(sname, made[sname](), us, len(us))
+        finally: lm.close()
+        llm_info = {"users": len(us), "model": llm_model, "readout": "history_sum", "hybrid_w": hybrid_w, "simulators": list(llm_simulators)}
     off_rows = [{"recommender": n, **{f"{m}{s_}": x for m, v in o.items() for s_, x in zip(("", "_lo", "_hi"), _boot_mean(v[np.isfinite(v)], n_boot, cfg.seed))},
                  "users": int(np.isfinite(o["recall"]).sum())} for n, o in offline.items()]
     last = [UserState(int(u), dom.items[dom.ptr[u]:dom.ptr[u + 1]].tolist(), [], 0) for u in eval_users]
     summary = {"domain": domain, "users": len(eval_users), "k": k, "budget": budget, "betas": betas, "outside": outside, "ppo_steps": ppo_steps,
                "ppo_seconds": round(ppo_seconds, 1), "ppo_weights_mean": dict(zip(("popularity", "item_knn", "sasrec"),
                                                                                    recs["ppo"].weights(last).mean(0).round(3).tolist())),
-               "simulated": rows, "offline": off_rows, "agreement": agree, "distributions": dists, "seconds": round(time.time() - t0, 1)}
+               "simulated": rows, "offline": off_rows, "agreement": agree, "distributions": dists, "llm": llm_info, "timing": timing,
+               "seconds": round(time.time() - t0, 1)}
     out = Path(out_dir) if out_dir else cfg.results_dir.parent / "policy_study"
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "summary.json", summary)
@@ -281,8 +316,15 @@ def policy_report(s: dict) -> str:
     lines = [f"# Recommenders in the loop: {s['domain']}, {s['users']} held-out users, k = {s['k']}, budget {s['budget']} steps", "",
              "Generated by `make policy-study` (12_policies.run_policy_study); every number is read from summary.json. "
              f"Simulators: 09's models with inverse temperatures {named(s['betas'])} and an outside option at the user's {s.get('outside')} quantile of catalogue scores. PPO: stable-baselines3, {s['ppo_steps']} steps against "
-             f"the item_knn simulator on training users ({s['ppo_seconds']:.0f} s); its mean weights on held-out users: {named(s['ppo_weights_mean'])}.", "",
-             "## Simulated reward (clicks per episode) [95% CI over users]", "",
+             f"the item_knn simulator on training users ({s['ppo_seconds']:.0f} s); its mean weights on held-out users: {named(s['ppo_weights_mean'])}.", ""]
+    if s.get("llm"):
+        L = s["llm"]
+        lines += [f"LLM simulators ({', '.join(L['simulators'])}): {L['model']} reading each slate with `{L['readout']}` (04a_readout) on the first "
+                  f"{L['users']} of these users, all stepped in one batch (one model call per step). The hybrid is p ∝ p_llm^w · p_item_knn^(1−w) "
+                  f"with w = {L['hybrid_w']} (not fitted) and item-kNN's outside option. The LLM alone has no outside option (its readouts are "
+                  "relative), so it takes every slate with the same probability: its clicks and session lengths cannot depend on the recommender, "
+                  "and its τ is noise by construction. What it picks (genres, ratings) is in the distributions below.", ""]
+    lines += ["## Simulated reward (clicks per episode) [95% CI over users]", "",
              "| recommender | " + " | ".join(sims) + " |", "|---|" + "---|" * len(sims)]
     by = {(r["simulator"], r["recommender"]): r for r in s["simulated"]}
     lines += [f"| {n} | " + " | ".join(c(by[(m, n)], "reward") for m in sims) + " |" for n in recs]
@@ -294,8 +336,13 @@ def policy_report(s: dict) -> str:
     lines += ["", "## Fidelity: does the simulator rank the recommenders as real interactions do?", "",
               f"Kendall's τ between the {len(recs)} recommenders' mean simulated reward and their offline metric, 95% CI from user resamples "
               "(τ = 1: the same order; with 5 recommenders one swapped pair moves τ by 0.2).", "",
-              "| simulator | τ vs Recall@10 | τ vs NDCG@10 |", "|---|---|---|"]
-    lines += [f"| {m} | {c(s['agreement'][m]['recall'], 'tau')} | {c(s['agreement'][m]['ndcg'], 'tau')} |" for m in sims]
+              "| simulator | users | τ vs Recall@10 | τ vs NDCG@10 |", "|---|---|---|---|"]
+    tau = lambda a: c(a, "tau") if np.isfinite(a["tau"]) else "undefined: every recommender earned the same mean reward"
+    lines += [f"| {m} | {s['agreement'][m]['recall'].get('users', s['users'])} | {tau(s['agreement'][m]['recall'])} | {tau(s['agreement'][m]['ndcg'])} |" for m in sims]
+    if s.get("timing"):
+        lines += ["", "Speed of the loop: environment steps per second under each simulator (every recommender's episodes; batch = users stepped "
+                  "together, one simulator call per step).", "", "| simulator | users | batch | steps | seconds | steps/s |", "|---|---|---|---|---|---|"]
+        lines += [f"| {m} | {t['users']} | {t['batch']} | {t['steps']} | {t['seconds']:.0f} | {t['steps_per_s']:.1f} |" for m, t in s["timing"].items()]
     if s.get("distributions"):
         lines += ["", "## Simulated against real: what the users took", "",
                   "Each simulator's clicks against the same users' real next interactions after the same start (at most "

@@ -586,10 +586,11 @@ def fidelity_figure(s: dict, path: str | Path) -> Path:
     fig, axes = plt.subplots(1, len(sims), figsize=(4 * len(sims), 3.4), squeeze=False)
     for ax, sim in zip(axes[0], sims):
         rows = [r for r in s["simulated"] if r["simulator"] == sim]
-        ax.scatter([r["reward"] for r in rows], [recall[r["recommender"]] for r in rows])
-        for r in rows: ax.annotate(r["recommender"], (r["reward"], recall[r["recommender"]]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        rec = s["agreement"][sim]["recall"].get("offline_mean") or recall     # replayed on the same users as this simulator's episodes
+        ax.scatter([r["reward"] for r in rows], [rec[r["recommender"]] for r in rows])
+        for r in rows: ax.annotate(r["recommender"], (r["reward"], rec[r["recommender"]]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         tau = s["agreement"][sim]["recall"]["tau"]
-        ax.set_title(f"simulator {sim}: Kendall τ {tau:.2f}", fontsize=9); ax.set_xlabel("simulated clicks / episode"); ax.set_ylabel("replayed Recall@10")
+        ax.set_title(f"simulator {sim}: Kendall τ {tau:.2f}" if np.isfinite(tau) else f"simulator {sim}: τ undefined (equal rewards)", fontsize=9); ax.set_xlabel("simulated clicks / episode"); ax.set_ylabel("replayed Recall@10")
     fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
     return Path(path)
 
