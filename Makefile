@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(shell cat settings.ini setup.py pyproject.toml | s
 # pip here prints one harmless line per package for an extra index that does not exist; hide them (exit status kept)
 QUIET_PIP := { grep -v "^WARNING: Location 'file:///opt/pypi.* is ignored" || true; }
 
-.PHONY: help install paper test test-slow export clean lab readme recipe-study policy-study augment-study
+.PHONY: help install paper test test-slow export clean lab readme recipe-study policy-study augment-study gpu-wheels gpu-check
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
@@ -42,6 +42,17 @@ recipe-study: install  ## the recipe study (07b_recipe_study): scenes in results
 	$(BIN)/usermirror-paper --profile quick --overrides "profile=study,scenes.train_scenes=1000" --stages config,assets,scenes
 	$(BIN)/python -c "from usermirror_nb.config import load_config; from usermirror_nb.recipe_study import run_recipe_study; \
 	  run_recipe_study(load_config('quick', 'profile=study,scenes.train_scenes=1000'))"
+
+GPU_WHEELS := trl==1.16.0 bitsandbytes==0.50.2 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 transformers==5.23.0 peft==0.21.2 fastcore==1.12.47
+gpu-wheels: install  ## what a lent GPU machine lacks (wheels for its Python 3.12) + SmolLM2's tokenizer -> .gpu_wheels/ (~60 MB, carried there)
+	rm -rf .gpu_wheels; mkdir -p .gpu_wheels
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+	  --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu_wheels $(GPU_WHEELS) 2>&1 | $(QUIET_PIP)
+	$(BIN)/python benchmarks/gpu_check.py --pack-tokenizer
+	@du -sh .gpu_wheels
+
+gpu-check:  ## on a CUDA machine, no install needed: nf4 QLoRA SFT -> DPO -> RosePO checks + a random 3B Llama QLoRA step's peak memory and s/step (benchmarks/gpu_check.py)
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,python3) benchmarks/gpu_check.py
 
 test: install  ## export is in sync, notebook tests (nbdev_test), pytest (not slow; gpu tests skip without CUDA)
 	@tmp=$$(mktemp -d); cp -r usermirror_nb $$tmp/before; \
