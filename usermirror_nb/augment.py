@@ -247,7 +247,7 @@ def run_augment_study(cfg, domain: str = "movielens",
     if {"hybrid", "llm"} & set(simulators):
         from usermirror_nb.config import LLMConfig
         from usermirror_nb.evaluate import Simulator
-        sim = Simulator.load(llm_model, cfg.assets.cache_path, LLMConfig(model=llm_model, batch_size=16, readout="history_sum"))
+        sim = Simulator.load(llm_model, cfg.assets.cache_path, LLMConfig(model=llm_model, batch_size=16, readout="history_sum", dtype="float32"))   # fp32: the labels results/augment_study was made with
         llm = CachedChoice(LLMChoice(sim))
     try:
         for s in simulators:
